@@ -49,3 +49,14 @@ def per_sample_error(pred: Tensor, tgt: Tensor) -> Tensor:
 
     This is -log pi up to constants and scale (Gaussian likelihood), as in the official code's implicit reward."""
     return (pred.float() - tgt.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def per_sample_randn(shape: tuple[int, ...], seed: int, draw_ids: Tensor, stream: int) -> Tensor:
+    """Standard normal noise per sample, each from its own generator seeded by (seed, draw id, stream):
+    (len(draw_ids), *shape). A sample's noise depends only on its draw id, not on batch size or process count."""
+    return torch.stack([sample_noise(shape, step_generator(seed, int(d), stream)) for d in draw_ids.tolist()])
+
+
+def per_sample_timesteps(num_train_timesteps: int, seed: int, draw_ids: Tensor, stream: int) -> Tensor:
+    """t ~ Uniform{0..T-1} per sample from its own (seed, draw id, stream) generator: (B,) int64."""
+    return torch.cat([sample_timesteps(1, num_train_timesteps, step_generator(seed, int(d), stream)) for d in draw_ids.tolist()])

@@ -1,0 +1,50 @@
+"""Model families. Each family is one file behind :mod:`diffusion_kto.models.base`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .base import DiffusionFamily, unwrap
+from .stable_diffusion import StableDiffusion
+
+__all__ = ["DiffusionFamily", "StableDiffusion", "load_family", "resolve_pretrained", "unwrap"]
+
+
+def resolve_pretrained(name: str) -> str:
+    """Map the alias ``toy`` to the shipped tiny shapes-world pipeline; other names pass through."""
+    if name == "toy":
+        from ..toy import weights_dir
+
+        return str(weights_dir())
+    return name
+
+
+def _family_of(pretrained: str) -> type:
+    """The family class for a pipeline folder or hub id (from model_index.json when it is local)."""
+    index = Path(pretrained) / "model_index.json"
+    if index.is_file():
+        import json
+
+        cls = json.loads(index.read_text()).get("_class_name", "")
+        if cls not in ("StableDiffusionPipeline", ""):
+            raise ValueError(f"{pretrained}: pipeline class {cls!r} is not supported yet (supported: StableDiffusionPipeline)")
+    return StableDiffusion
+
+
+def load_family(cfg, *, weight_dtype: torch.dtype, device: torch.device | str) -> DiffusionFamily:
+    """Build the model family described by a :class:`~diffusion_kto.config.Config`."""
+    pretrained = resolve_pretrained(cfg.model.pretrained)
+    family = _family_of(pretrained)
+    return family.from_pretrained(
+        pretrained,
+        revision=cfg.model.revision,
+        variant=cfg.model.variant,
+        lora_rank=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        lora_target_modules=tuple(cfg.lora.target_modules),
+        weight_dtype=weight_dtype,
+        device=device,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+    )

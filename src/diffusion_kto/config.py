@@ -1,0 +1,298 @@
+"""Run configuration: nested dataclasses are the single source of truth.
+
+Load a YAML file, apply dotted ``key=value`` overrides, validate every field before any model loads, and dump
+the resolved config next to the run. Unknown keys and bad values raise :class:`ConfigError` naming the key and
+the allowed values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is invalid; the message names the key."""
+
+
+def _choice(default: str, choices: tuple[str, ...], help: str = "") -> Any:
+    """A string field restricted to ``choices`` (checked by :func:`validate`)."""
+    return field(default=default, metadata={"choices": choices, "help": help})
+
+
+def _positive(default: float | int, help: str = "", *, allow_zero: bool = False) -> Any:
+    """A number that must be > 0 (or >= 0 with allow_zero)."""
+    return field(default=default, metadata={"min": 0, "strict": not allow_zero, "help": help})
+
+
+def _unit(default: float, help: str = "") -> Any:
+    """A probability in [0, 1]."""
+    return field(default=default, metadata={"min": 0, "max": 1, "help": help})
+
+
+@dataclass
+class ModelConfig:
+    """Which pretrained pipeline to align."""
+
+    pretrained: str = "toy"  # hub id, local diffusers folder, or "toy" for the shipped tiny shapes-world model
+    revision: str | None = None
+    variant: str | None = None  # e.g. "fp16" weights on the hub
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters on the UNet attention projections; rank 0 means a full UNet fine-tune."""
+
+    rank: int = _positive(0, "0 = full fine-tune", allow_zero=True)
+    alpha: float | None = None  # defaults to rank
+    dropout: float = _unit(0.0)
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class DataConfig:
+    """Feedback rows (image, prompt, like/dislike) and how they are sampled and transformed."""
+
+    path: str | None = None
+    image_column: str = "image"
+    prompt_column: str = "prompt"
+    label_column: str = "label"
+    desirable_ratio: float = _unit(0.8, "gamma: probability of drawing a liked image (paper §4.2: 0.8)")
+    caption_dropout: float = _unit(0.2, "probability of an empty prompt (official code default 0.2)")
+    resolution: int = _positive(512)
+    center_crop: bool = True
+    random_flip: bool = True
+    num_workers: int = _positive(0, allow_zero=True)
+
+
+@dataclass
+class LossConfig:
+    """The objective: Diffusion-KTO or a baseline."""
+
+    name: str = _choice("kto", ("kto", "sft"))
+    beta: float = _positive(5000.0, "paper: 5000; official script default 1000")
+    utility: str = _choice("kt", ("kt", "loss_averse", "risk_seeking"))
+    reference_point: str = _choice("mismatched", ("mismatched", "matched", "none"))
+    desirable_weight: float = _positive(1.0, allow_zero=True)
+    undesirable_weight: float = _positive(1.0, allow_zero=True)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (or bitsandbytes 8-bit AdamW) with a warm-up schedule."""
+
+    lr: float = _positive(1e-7)
+    use_8bit_adam: bool = False
+    adam_beta1: float = _unit(0.9)
+    adam_beta2: float = _unit(0.999)
+    adam_epsilon: float = _positive(1e-8)
+    weight_decay: float = _positive(1e-2, allow_zero=True)
+    max_grad_norm: float = _positive(1.0, "0 disables clipping", allow_zero=True)
+    lr_scheduler: str = _choice(
+        "constant_with_warmup", ("constant", "constant_with_warmup", "linear", "cosine")
+    )
+    warmup_steps: int = _positive(1000, allow_zero=True)
+
+
+@dataclass
+class TrainConfig:
+    """How this run executes."""
+
+    max_steps: int = _positive(10000)
+    batch_size: int = _positive(2, "per process")
+    grad_accum: int = _positive(1)
+    mixed_precision: str = _choice("no", ("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    output_dir: str = "runs/dkto"
+    overwrite: bool = False  # an existing output dir is never reused unless resuming or overwrite=true
+    checkpoint_every: int = _positive(1000, "0 = only at the end", allow_zero=True)
+    keep_checkpoints: int = _positive(3)
+    resume: str | None = None  # "latest" or a checkpoint folder
+
+
+@dataclass
+class LogConfig:
+    """Metrics and validation images."""
+
+    every: int = _positive(10)
+    report_to: str = _choice("none", ("none", "tensorboard", "wandb"))
+    validation_every: int = _positive(0, "0 = no validation images", allow_zero=True)
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_steps: int = _positive(25, "sampler steps")
+    validation_guidance: float = _positive(7.5, allow_zero=True)
+
+
+@dataclass
+class Config:
+    """A whole Diffusion-KTO run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    """A readable name for a field type."""
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int -> float allowed), raising ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown config key {prefix}{key!s}; known keys here: {', '.join(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check choices and ranges declared in field metadata, recursively, plus cross-field rules."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            validate(value, key + ".")
+            continue
+        meta = f.metadata
+        if "choices" in meta and value not in meta["choices"]:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(meta['choices'])}")
+        if "min" in meta and value is not None:
+            if value < meta["min"] or (meta.get("strict") and value == meta["min"]):
+                op = ">" if meta.get("strict") else ">="
+                raise ConfigError(f"{key}: must be {op} {meta['min']}, got {value!r}")
+        if "max" in meta and value is not None and value > meta["max"]:
+            raise ConfigError(f"{key}: must be <= {meta['max']}, got {value!r}")
+    if not prefix:
+        _validate_cross_fields(cfg)
+
+
+def _validate_cross_fields(cfg: Config) -> None:
+    """Rules that involve more than one field."""
+    if cfg.train.resume not in (None, "latest") and not Path(cfg.train.resume).exists():
+        raise ConfigError(f"train.resume: {cfg.train.resume!r} is neither 'latest' nor an existing checkpoint folder")
+    if cfg.loss.name == "kto" and cfg.loss.reference_point == "mismatched" and cfg.train.batch_size < 2:
+        raise ConfigError(
+            "loss.reference_point=mismatched needs train.batch_size >= 2 (prompts are rolled within the batch); "
+            "use a larger batch or loss.reference_point=matched"
+        )
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as a plain nested dict."""
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into (["a", "b"], parsed value); values are parsed as YAML scalars or lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. loss.beta=2000)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {err}") from None
+    return key.split("."), value
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set a nested key, creating intermediate mappings."""
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load YAML (optional), apply dotted overrides, build and validate the :class:`Config`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_path(data, keys, value)
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

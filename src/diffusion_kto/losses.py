@@ -1,0 +1,104 @@
+"""Pure loss maths for Diffusion-KTO and its baselines (arXiv 2404.04465).
+
+Tensors in, per-sample tensors out: no model, no accelerator, no config. The caller reduces the per-sample
+losses and computes anything that crosses processes (the reference point is all-reduced by the trainer and
+passed in as ``kl``).
+
+Notation (paper §3–4): ``policy_err`` / ``ref_err`` are per-sample denoising errors ||eps_theta - target||^2 of
+the policy and the frozen reference on the same x_t, t, noise and prompt. Since -log pi(x_{t-1}|x_t) is the
+denoising error up to constants, the implicit reward (log-ratio) is g = ref_err - policy_err.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _kahneman_tversky(z: Tensor) -> Tensor:
+    """U(z) = sigma(z): concave for gains, convex for losses (paper §4.2, the KTO default)."""
+    return torch.sigmoid(z)
+
+
+def _loss_averse(z: Tensor) -> Tensor:
+    """U(z) = log sigma(z): concave everywhere, a Diffusion-DPO-like utility (paper App. D.4)."""
+    return F.logsigmoid(z)
+
+
+def _risk_seeking(z: Tensor) -> Tensor:
+    """U(z) = -log sigma(-z) = softplus(z): convex everywhere (paper App. D.4)."""
+    return -F.logsigmoid(-z)
+
+
+UTILITIES: dict[str, Callable[[Tensor], Tensor]] = {
+    "kt": _kahneman_tversky,
+    "loss_averse": _loss_averse,
+    "risk_seeking": _risk_seeking,
+}
+
+
+class KTOOutput(NamedTuple):
+    """Per-sample KTO losses plus detached diagnostics."""
+
+    losses: Tensor  # (B,) not reduced
+    rewards: Tensor  # (B,) beta * g, detached
+    margins: Tensor  # (B,) z = s * beta * (g - kl), detached; > 0 means the sample is on the right side
+    accuracy: Tensor  # () share of samples with z > 0
+
+
+class SFTOutput(NamedTuple):
+    """Per-sample supervised losses (zero for disliked samples)."""
+
+    losses: Tensor  # (B,)
+
+
+def implicit_reward(policy_err: Tensor, ref_err: Tensor) -> Tensor:
+    """g = ref_err - policy_err, the log-ratio log pi_theta / pi_ref up to scale (Eq. 7, Gaussian likelihood)."""
+    return ref_err - policy_err
+
+
+def reference_point(policy_err: Tensor, ref_err: Tensor) -> Tensor:
+    """Q_ref = max(0, mean(ref_err - policy_err)), detached (paper §4.1; KTO's KL estimate).
+
+    Pass the errors of the whole (gathered) batch: the mean is taken before the clamp, as in KTO."""
+    if policy_err.numel() == 0:
+        raise ValueError("reference_point needs at least one sample")
+    return implicit_reward(policy_err, ref_err).detach().float().mean().clamp(min=0)
+
+
+def kto_loss(
+    policy_err: Tensor,
+    ref_err: Tensor,
+    desirable: Tensor,
+    kl: Tensor | float,
+    *,
+    beta: float,
+    utility: str = "kt",
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> KTOOutput:
+    """Diffusion-KTO (Eq. 8): loss_i = lambda_y (1 - U(s_i * beta * (g_i - Q_ref))), s = +1 liked, -1 disliked.
+
+    policy_err, ref_err: (B,) float; desirable: (B,) bool; kl: scalar reference point Q_ref (no gradient)."""
+    if utility not in UTILITIES:
+        raise ValueError(f"unknown utility {utility!r}; expected one of {sorted(UTILITIES)}")
+    desirable = desirable.to(device=policy_err.device, dtype=torch.bool)
+    kl = torch.as_tensor(kl, dtype=policy_err.dtype, device=policy_err.device).detach()
+    g = implicit_reward(policy_err, ref_err)  # (B,)
+    sign = desirable.to(policy_err.dtype) * 2 - 1  # (B,) +1 / -1
+    z = sign * beta * (g - kl)  # (B,)
+    weight = torch.where(
+        desirable,
+        torch.as_tensor(desirable_weight, dtype=policy_err.dtype, device=policy_err.device),
+        torch.as_tensor(undesirable_weight, dtype=policy_err.dtype, device=policy_err.device),
+    )
+    losses = weight * (1 - UTILITIES[utility](z))  # (B,)
+    z = z.detach()
+    return KTOOutput(losses=losses, rewards=(beta * g).detach(), margins=z, accuracy=(z > 0).float().mean())
+
+
+def sft_loss(policy_err: Tensor, desirable: Tensor) -> SFTOutput:
+    """Supervised fine-tuning baseline: the denoising loss on liked images only (paper §5, "SFT")."""
+    return SFTOutput(losses=policy_err * desirable.to(device=policy_err.device, dtype=policy_err.dtype))

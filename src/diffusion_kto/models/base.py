@@ -1,0 +1,60 @@
+"""The small interface every model family implements; the trainer never asks which family it has."""
+from __future__ import annotations
+
+from typing import Callable, ContextManager, Protocol
+
+import torch
+from torch import Tensor, nn
+
+
+class DiffusionFamily(Protocol):
+    """A text-to-image diffusion model prepared for preference fine-tuning.
+
+    The policy is the trainable network; the reference is the frozen starting point (a disabled LoRA adapter
+    or a frozen copy). Everything a family returns is on the family's device."""
+
+    device: torch.device
+    num_train_timesteps: int
+
+    def trainable_module(self) -> nn.Module:
+        """The module whose parameters are optimised (the UNet, possibly wrapped)."""
+
+    def wrap(self, prepare: Callable[[nn.Module], nn.Module]) -> None:
+        """Replace the trainable module by ``prepare(module)`` (e.g. a DDP wrapper)."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters with requires_grad (LoRA weights or the whole UNet)."""
+
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """Text embeddings c, (B, L, D)."""
+
+    def encode_images(self, pixels: Tensor, noise_fn: Callable[[tuple[int, ...]], Tensor]) -> Tensor:
+        """Scaled latents x0 of images in [-1, 1]: (B, 3, H, W) -> (B, C, h, w); noise_fn(shape) gives N(0, I)."""
+
+    def noisy(self, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_t, regression target) for the family's prediction type."""
+
+    def predict(self, x_t: Tensor, t: Tensor, cond: Tensor, *, reference: bool = False) -> Tensor:
+        """The network output for (x_t, t, c), from the policy or (no grad) from the reference."""
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """A state dict of the trainable weights, for checkpoints."""
+
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`trainable_state` output."""
+
+    def export(self, out_dir: str) -> list[str]:
+        """Write the trained weights in the format diffusers loads; returns the written paths."""
+
+    def pipeline(self, *, reference: bool = False) -> ContextManager:
+        """Context manager yielding a sampling pipeline over this family's modules (policy or reference)."""
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The inner module of a DDP / compiled wrapper."""
+    while True:
+        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+

@@ -1,0 +1,60 @@
+"""Image generation with fixed per-image seeds, batched: the same seeds for every model make comparisons paired."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+
+def load_pipeline(model: str, *, lora: str | None = None, unet: str | None = None, device: str | None = None,
+                  dtype: torch.dtype = torch.float32):
+    """A diffusers pipeline from a hub id / folder (``toy`` = shipped model), with a LoRA dir or a UNet dir on top."""
+    from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+
+    from .models import resolve_pretrained
+
+    if lora and unet:
+        raise ValueError("give either a LoRA dir or a UNet dir, not both")
+    path = resolve_pretrained(model)
+    kwargs = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+    if unet:
+        unet_dir = Path(unet) / "unet" if (Path(unet) / "unet" / "config.json").is_file() else Path(unet)
+        kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if lora:
+        pipe.load_lora_weights(lora)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 25, guidance: float = 7.5,
+             resolution: int | None = None, batch_size: int = 16, progress: bool = False) -> list[Image.Image]:
+    """One image per (prompt, seed) pair, in order; image i depends only on (prompts[i], seeds[i])."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    pipe.set_progress_bar_config(disable=True)
+    size = {"height": resolution, "width": resolution} if resolution else {}
+    images: list[Image.Image] = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
+        chunk_p, chunk_s = list(prompts[i : i + batch_size]), seeds[i : i + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk_s]
+        out = pipe(chunk_p, num_inference_steps=steps, guidance_scale=guidance, generator=generators, **size)
+        images.extend(out.images)
+    return images
+
+
+def generate_pair_grid(family, prompts: Sequence[str], *, seed: int, steps: int, guidance: float,
+                       resolution: int) -> Image.Image:
+    """Reference (top row) and policy (bottom row) images for the same prompts and seeds."""
+    from .evaluation.report import image_grid
+
+    seeds = [seed + i for i in range(len(prompts))]
+    rows = {}
+    for name, reference in (("reference", True), ("policy", False)):
+        with family.pipeline(reference=reference) as pipe:
+            rows[name] = generate(pipe, prompts, seeds, steps=steps, guidance=guidance, resolution=resolution)
+    return image_grid(rows, col_labels=list(prompts))

@@ -1,0 +1,427 @@
+"""The Diffusion-KTO training loop on accelerate: the only module that touches accelerate.
+
+One step (paper §4, Eq. 8): encode prompts and images, draw t and noise per sample, make x_t, compute the
+per-sample denoising errors of the policy and of the frozen reference on the same (x_t, t, noise, c), estimate
+the reference point Q_ref (on mismatched prompts, the batch itself, or 0), all-reduce it, and apply the loss."""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import diffusion, losses
+from ..config import Config, ConfigError, save_config, to_dict
+from ..data import DesirableSampler, FeedbackDataset, collate, read_feedback, validate
+from ..models import DiffusionFamily, load_family
+from . import checkpoint
+from .metrics import MetricsFile, postfix
+
+log = logging.getLogger(__name__)
+
+# Streams of the counter-based randomness: each sample's draws depend only on (seed, draw id, stream).
+_STREAM_TIMESTEP, _STREAM_NOISE, _STREAM_LATENT = 1, 2, 3
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_LOSSES_NEEDING_REFERENCE = {"kto"}
+_LOSSES_NEEDING_BOTH_CLASSES = {"kto"}
+
+
+@dataclass
+class StepOutput:
+    """What one micro-step produced: the reduced loss and local metric values."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    """Summary of a finished run."""
+
+    output_dir: Path
+    steps: int
+    exported: list[str]
+    seconds: float
+    images_per_second: float
+    skipped_steps: int
+
+
+def check_output_dir(cfg: Config) -> None:
+    """Refuse to write into an existing, non-empty output dir unless resuming or ``train.overwrite=true``."""
+    out = Path(cfg.train.output_dir)
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if cfg.train.resume is not None:
+        return
+    if cfg.train.overwrite:
+        shutil.rmtree(out)
+        return
+    raise ConfigError(
+        f"train.output_dir: {str(out)!r} already exists and is not empty; pass train.resume=latest to continue "
+        "that run, train.overwrite=true to replace it, or choose another train.output_dir"
+    )
+
+
+def load_feedback(cfg: Config):
+    """Read and validate the feedback rows named by ``data.*`` before any model loads."""
+    if cfg.data.path is None:
+        raise ConfigError("data.path: no feedback data given (a JSONL / CSV / parquet file, an image folder, or a dataset)")
+    rows = read_feedback(
+        cfg.data.path,
+        image_column=cfg.data.image_column,
+        prompt_column=cfg.data.prompt_column,
+        label_column=cfg.data.label_column,
+    )
+    summary = validate(rows, need_both_classes=cfg.loss.name in _LOSSES_NEEDING_BOTH_CLASSES)
+    return rows, summary
+
+
+class DiffusionKTOTrainer:
+    """Trains a model family with Diffusion-KTO (or a baseline) from one :class:`Config`."""
+
+    def __init__(self, cfg: Config, *, family: DiffusionFamily | None = None, rows=None):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        self.cfg = cfg
+        self.out = Path(cfg.train.output_dir)
+        self.rows, self.data_summary = (rows, None) if rows is not None else load_feedback(cfg)
+        check_output_dir(cfg)
+        report_to = None if cfg.log.report_to == "none" else cfg.log.report_to
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.train.mixed_precision,
+            gradient_accumulation_steps=cfg.train.grad_accum,
+            log_with=report_to,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+        )
+        self.weight_dtype = _DTYPES[cfg.train.mixed_precision]
+        set_seed(cfg.train.seed)  # LoRA initialisation draws from the global RNGs
+        self.family = family or load_family(cfg, weight_dtype=self.weight_dtype, device=self.accelerator.device)
+        self.optimizer = self._setup_optimizer()
+        self.lr_scheduler = self._setup_lr_scheduler()
+        self.family.wrap(self.accelerator.prepare)
+        self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.step = 0
+        self.skipped = 0
+        self._consecutive_bad = 0
+        self.metrics_file = MetricsFile(self.out / "metrics.jsonl", enabled=self.accelerator.is_main_process)
+
+    # ---------------------------------------------------------------------------------------- setup
+
+    def _setup_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters (bitsandbytes 8-bit AdamW with optim.use_8bit_adam)."""
+        o = self.cfg.optim
+        params = self.family.trainable_parameters()
+        if not params:
+            raise RuntimeError("the model has no trainable parameters")
+        kwargs = dict(lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon, weight_decay=o.weight_decay)
+        if not o.use_8bit_adam:
+            return torch.optim.AdamW(params, **kwargs)
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError(
+                "optim.use_8bit_adam=true needs bitsandbytes: pip install bitsandbytes (CUDA machines), "
+                "or set optim.use_8bit_adam=false"
+            ) from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+
+    def _setup_lr_scheduler(self):
+        """Warm-up then constant / linear / cosine decay over train.max_steps optimizer steps."""
+        from diffusers.optimization import get_scheduler
+
+        return get_scheduler(
+            self.cfg.optim.lr_scheduler,
+            optimizer=self.optimizer,
+            num_warmup_steps=self.cfg.optim.warmup_steps,
+            num_training_steps=self.cfg.train.max_steps,
+        )
+
+    def _loader(self, start_micro_step: int):
+        """An endless DataLoader of this process's share of the gamma-sampled global batches."""
+        cfg, acc = self.cfg, self.accelerator
+        desirable = [r.desirable for r in self.rows]
+        ratio = 1.0 if cfg.loss.name not in _LOSSES_NEEDING_BOTH_CLASSES else cfg.data.desirable_ratio
+        sampler = DesirableSampler(
+            desirable,
+            ratio,
+            seed=cfg.train.seed,
+            batch_size=cfg.train.batch_size,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            start_step=start_micro_step,
+        )
+        dataset = FeedbackDataset(
+            self.rows,
+            resolution=cfg.data.resolution,
+            center_crop=cfg.data.center_crop,
+            random_flip=cfg.data.random_flip,
+            caption_dropout=cfg.data.caption_dropout,
+            seed=cfg.train.seed,
+        )
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=cfg.train.batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=cfg.data.num_workers,
+            pin_memory=acc.device.type == "cuda",
+            persistent_workers=cfg.data.num_workers > 0,
+        )
+
+    # ---------------------------------------------------------------------------------------- one step
+
+    def _errors(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Per-sample denoising errors of policy and reference on shared (x_t, t, noise, c); see module doc."""
+        fam, seed, draws = self.family, self.cfg.train.seed, batch["draw_ids"]
+        cond = fam.encode_prompts(batch["prompts"])  # (B, L, D)
+        x0 = fam.encode_images(batch["pixel_values"], lambda shape: diffusion.per_sample_randn(shape[1:], seed, draws, _STREAM_LATENT))
+        noise = diffusion.per_sample_randn(tuple(x0.shape[1:]), seed, draws, _STREAM_NOISE)  # (B, C, h, w)
+        t = diffusion.per_sample_timesteps(fam.num_train_timesteps, seed, draws, _STREAM_TIMESTEP).to(x0.device)
+        x_t, tgt = fam.noisy(x0, noise, t)
+        out = {"policy_err": diffusion.per_sample_error(fam.predict(x_t, t, cond), tgt)}
+        if self.cfg.loss.name not in _LOSSES_NEEDING_REFERENCE:
+            return out
+        mode = self.cfg.loss.reference_point
+        if mode == "mismatched":  # prompts rolled by one within the batch: unrelated (image, prompt) pairs
+            cond_mis = cond.roll(1, dims=0)
+            ref = fam.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond_mis]), reference=True)
+            ref_match, ref_mis = ref.chunk(2)  # one batched no-grad reference pass, (B, ...) each
+            with torch.no_grad():
+                out["policy_err_mismatched"] = diffusion.per_sample_error(fam.predict(x_t, t, cond_mis), tgt)
+            out["ref_err_mismatched"] = diffusion.per_sample_error(ref_mis, tgt)
+        else:
+            ref_match = fam.predict(x_t, t, cond, reference=True)
+        out["ref_err"] = diffusion.per_sample_error(ref_match, tgt)
+        return out
+
+    def _reference_point(self, errs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Q_ref over the global batch: gather per-sample errors from every process, then mean and clamp."""
+        mode = self.cfg.loss.reference_point
+        if mode == "none":
+            return torch.zeros((), device=errs["policy_err"].device)
+        suffix = "_mismatched" if mode == "mismatched" else ""
+        gather = self.accelerator.gather
+        return losses.reference_point(
+            gather(errs["policy_err" + suffix].detach()), gather(errs["ref_err" + suffix].detach())
+        )
+
+    def train_step(self, batch: dict[str, Any]) -> StepOutput:
+        """Forward the loss for one micro-batch and backpropagate it (the optimizer step is done by the loop)."""
+        cfg, acc = self.cfg, self.accelerator
+        desirable = batch["desirable"].to(acc.device)
+        with acc.autocast():
+            errs = self._errors(batch)
+            if cfg.loss.name == "sft":
+                per_sample = losses.sft_loss(errs["policy_err"], desirable).losses
+                metrics = {}
+            else:
+                kl = self._reference_point(errs)
+                out = losses.kto_loss(
+                    errs["policy_err"], errs["ref_err"], desirable, kl,
+                    beta=cfg.loss.beta, utility=cfg.loss.utility,
+                    desirable_weight=cfg.loss.desirable_weight, undesirable_weight=cfg.loss.undesirable_weight,
+                )
+                per_sample = out.losses
+                metrics = _kto_metrics(out, desirable, kl, errs)
+        loss = per_sample.mean()
+        metrics["policy_err"] = errs["policy_err"].detach().mean().item()
+        finite = acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum").item() == acc.num_processes
+        if finite:
+            acc.backward(loss)
+        metrics["loss"] = loss.detach().item()
+        metrics["finite"] = float(finite)
+        return StepOutput(loss=loss.detach(), metrics=metrics)
+
+    # ---------------------------------------------------------------------------------------- the loop
+
+    def train(self) -> TrainResult:
+        """Run to train.max_steps optimizer steps: log, validate, checkpoint, then export."""
+        cfg, acc = self.cfg, self.accelerator
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        if cfg.train.resume is not None:
+            self._resume(cfg.train.resume)
+        if cfg.log.report_to != "none":
+            acc.init_trackers("diffusion-kto", config=_flat(to_dict(cfg)))
+        loader = iter(self._loader(self.step * cfg.train.grad_accum))
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", disable=not acc.is_local_main_process)
+        window: list[dict[str, float]] = []
+        start, start_step = time.perf_counter(), self.step
+        unet = self.family.trainable_module()
+        while self.step < cfg.train.max_steps:
+            for _ in range(cfg.train.grad_accum):
+                with acc.accumulate(unet):
+                    result = self.train_step(next(loader))
+                    stepped = self._optimizer_step(result)
+                window.append(result.metrics)
+            if not stepped:
+                continue
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps:
+                metrics = self._log(window)
+                bar.set_postfix(postfix(metrics))
+                window = []
+            if cfg.log.validation_every and self.step % cfg.log.validation_every == 0:
+                self.validate()
+            if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        seconds = time.perf_counter() - start
+        exported = self._finish()
+        images = (self.step - start_step) * cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
+        return TrainResult(self.out, self.step, exported, seconds, images / max(seconds, 1e-9), self.skipped)
+
+    def _optimizer_step(self, result: StepOutput) -> bool:
+        """Clip, step and zero the optimizer at accumulation boundaries; skip non-finite steps (counted).
+
+        Returns True when an optimizer step boundary was reached (stepped or skipped)."""
+        acc = self.accelerator
+        bad = not result.metrics["finite"]
+        if acc.sync_gradients:
+            params = self.family.trainable_parameters()
+            if self.cfg.optim.max_grad_norm > 0 and not bad:
+                norm = acc.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+                result.metrics["grad_norm"] = float(norm)
+                bad = not math.isfinite(float(norm))
+            if bad:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._skip_bad_step()
+                return False
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._consecutive_bad = 0
+            result.metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
+            return True
+        return False
+
+    def _skip_bad_step(self) -> None:
+        """Count a non-finite loss or gradient; stop after too many in a row (last checkpoint stays intact)."""
+        self.skipped += 1
+        self._consecutive_bad += 1
+        log.warning("non-finite loss or gradient at step %d: step skipped (%d so far)", self.step + 1, self.skipped)
+        if self._consecutive_bad >= 5:
+            raise FloatingPointError(
+                f"{self._consecutive_bad} consecutive non-finite steps at step {self.step + 1}; stopping. "
+                "The last checkpoint is intact: lower optim.lr or loss.beta, or try train.mixed_precision=bf16/no"
+            )
+
+    def _log(self, window: list[dict[str, float]]) -> dict[str, float]:
+        """Average the window's metrics, reduce across processes, and write them everywhere asked."""
+        acc = self.accelerator
+        keys = sorted({k for m in window for k in m if k != "finite"})
+        local = torch.tensor([_nanmean([m.get(k, math.nan) for m in window]) for k in keys], device=acc.device)
+        values = acc.reduce(local, reduction="mean") if acc.num_processes > 1 else local
+        metrics = {k: float(v) for k, v in zip(keys, values.tolist())}
+        metrics["skipped_steps"] = float(self.skipped)
+        self.metrics_file.write(self.step, metrics)
+        if self.cfg.log.report_to != "none":
+            acc.log(metrics, step=self.step)
+        return metrics
+
+    # ---------------------------------------------------------------------------------------- I/O
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a resumable checkpoint (main process), atomically; every process waits for it."""
+        acc = self.accelerator
+        path = None
+        if acc.is_main_process:
+            path = checkpoint.save_checkpoint(
+                self.out / "checkpoints",
+                self.step,
+                weights=self.family.trainable_state(),
+                optimizer=self.optimizer.state_dict(),
+                scheduler={"lr_scheduler": self.lr_scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
+                state={"step": self.step, "skipped": self.skipped},
+                config=to_dict(self.cfg),
+                keep=self.cfg.train.keep_checkpoints,
+            )
+        acc.wait_for_everyone()
+        return path
+
+    def _resume(self, which: str) -> None:
+        """Restore weights, optimizer, LR schedule, RNG and step from ``latest`` or a checkpoint folder."""
+        path = checkpoint.latest_checkpoint(self.out / "checkpoints") if which == "latest" else Path(which)
+        if path is None:
+            log.warning("train.resume=latest: no complete checkpoint in %s; starting from step 0", self.out / "checkpoints")
+            return
+        state = checkpoint.load_checkpoint(path)
+        self.family.load_trainable_state({k: v.to(self.accelerator.device) for k, v in state["weights"].items()})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["scheduler"]["lr_scheduler"])
+        torch.set_rng_state(state["scheduler"]["torch_rng"])
+        self.step = int(state["state"]["step"])
+        self.skipped = int(state["state"].get("skipped", 0))
+        if self.accelerator.is_main_process:
+            print(f"resumed from {path} at step {self.step}")
+
+    def _finish(self) -> list[str]:
+        """Final checkpoint (if checkpointing is on), validation images, and the diffusers export."""
+        acc = self.accelerator
+        if self.cfg.train.checkpoint_every and self.step % self.cfg.train.checkpoint_every:
+            self.save_checkpoint()
+        if self.cfg.log.validation_every and self.step % self.cfg.log.validation_every:
+            self.validate()
+        exported = self.family.export(str(self.out)) if acc.is_main_process else []
+        acc.wait_for_everyone()
+        acc.end_training()
+        return exported
+
+    def validate(self) -> Path | None:
+        """Policy and reference images for log.validation_prompts with the same seeds, side by side."""
+        from ..sampling import generate_pair_grid
+
+        cfg, acc = self.cfg, self.accelerator
+        if not cfg.log.validation_prompts or not acc.is_main_process:
+            return None
+        path = self.out / "validation" / f"step-{self.step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid = generate_pair_grid(
+            self.family,
+            cfg.log.validation_prompts,
+            seed=cfg.train.seed,
+            steps=cfg.log.validation_steps,
+            guidance=cfg.log.validation_guidance,
+            resolution=cfg.data.resolution,
+        )
+        grid.save(path)
+        return path
+
+
+def _kto_metrics(out: losses.KTOOutput, desirable: torch.Tensor, kl: torch.Tensor, errs: dict) -> dict[str, float]:
+    """Diagnostics: reference point, implicit rewards of liked and disliked samples, accuracy, reference error."""
+    rewards = out.rewards.float()
+    liked, disliked = rewards[desirable], rewards[~desirable]
+    return {
+        "kl": float(kl),
+        "reward_liked": liked.mean().item() if liked.numel() else math.nan,
+        "reward_disliked": disliked.mean().item() if disliked.numel() else math.nan,
+        "accuracy": out.accuracy.item(),
+        "ref_err": errs["ref_err"].mean().item(),
+    }
+
+
+def _nanmean(values: list[float]) -> float:
+    """Mean of the finite values, NaN when there are none."""
+    finite = [v for v in values if isinstance(v, float) and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested config dict to dotted keys with tracker-friendly values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

@@ -1,0 +1,101 @@
+"""Training on a tiny SD pipeline: what changes, what stays frozen, exports, resume, guards."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from diffusion_kto.config import ConfigError, load_config
+from diffusion_kto.train import DiffusionKTOTrainer
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before, module):
+    return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
+
+
+@pytest.mark.parametrize("reference_point", ["mismatched", "matched"])
+def test_lora_kto_trains_only_adapters(tiny_sd, feedback, tmp_path, reference_point):
+    cfg = load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "run", **{
+        "lora.rank": 4, "loss.reference_point": reference_point}))
+    trainer = DiffusionKTOTrainer(cfg)
+    fam = trainer.family
+    unet = fam.trainable_module()
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    vae, te = _snapshot(fam.vae), _snapshot(fam.text_encoder)
+    result = trainer.train()
+    trained = {n for n, p in unet.named_parameters() if p.requires_grad}
+    changed = {n for n, p in unet.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert trained and all("lora" in n for n in trained)
+    assert changed == trained  # every trainable parameter changed, no frozen one did
+    assert not _changed(vae, fam.vae) and not _changed(te, fam.text_encoder)
+    assert result.steps == 3
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and '"kl"' in lines[0] and '"reward_liked"' in lines[0]
+
+
+def test_full_finetune_changes_every_unet_weight_and_not_the_reference(tiny_sd, feedback, tmp_path):
+    cfg = load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "run"))
+    trainer = DiffusionKTOTrainer(cfg)
+    fam = trainer.family
+    before, ref_before = _snapshot(fam.unet), _snapshot(fam.ref_unet)
+    vae, te = _snapshot(fam.vae), _snapshot(fam.text_encoder)
+    trainer.train()
+    params = {n for n, _ in fam.unet.named_parameters()}
+    assert _changed(before, fam.unet) >= params
+    assert not _changed(ref_before, fam.ref_unet)
+    assert not _changed(vae, fam.vae) and not _changed(te, fam.text_encoder)
+    assert (tmp_path / "run" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_sft_needs_no_disliked_rows_and_skips_reference(tiny_sd, tmp_path):
+    from conftest import write_feedback
+    import json
+
+    data = write_feedback(tmp_path / "d")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text("\n".join(json.dumps({**r, "label": True}) for r in rows) + "\n")
+    cfg = load_config(None, tiny_overrides(tiny_sd, data, tmp_path / "run", **{"loss.name": "sft", "lora.rank": 2}))
+    assert DiffusionKTOTrainer(cfg).train().steps == 3
+    with pytest.raises(Exception, match="(?i)disliked"):
+        DiffusionKTOTrainer(load_config(None, tiny_overrides(tiny_sd, data, tmp_path / "run2")))
+
+
+def test_v_prediction_model_trains(tiny_sd_v, feedback, tmp_path):
+    cfg = load_config(None, tiny_overrides(tiny_sd_v, feedback, tmp_path / "run", **{"lora.rank": 2, "train.max_steps": 1}))
+    trainer = DiffusionKTOTrainer(cfg)
+    assert trainer.family.noise_scheduler.config.prediction_type == "v_prediction"
+    assert trainer.train().steps == 1
+
+
+def test_refuses_existing_output_dir(tiny_sd, feedback, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="already exists"):
+        DiffusionKTOTrainer(load_config(None, tiny_overrides(tiny_sd, feedback, out)))
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_resume_equals_uninterrupted(tiny_sd, feedback, tmp_path):
+    """4 straight steps == 2 steps + checkpoint + resume + 2 steps (bitwise on CPU)."""
+    common = {"lora.rank": 4, "train.checkpoint_every": 2}
+    straight = DiffusionKTOTrainer(load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "a", **common, **{"train.max_steps": 4})))
+    straight.train()
+    first = DiffusionKTOTrainer(load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "b", **common, **{"train.max_steps": 2})))
+    first.train()
+    resumed = DiffusionKTOTrainer(load_config(None, tiny_overrides(
+        tiny_sd, feedback, tmp_path / "b", **common, **{"train.max_steps": 4, "train.resume": "latest"})))
+    resumed.train()
+    a = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    lb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert la[2:] == lb[2:]
