@@ -99,3 +99,44 @@ def test_resume_equals_uninterrupted(tiny_sd, feedback, tmp_path):
     la = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     lb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert la[2:] == lb[2:]
+
+
+def test_validation_images_and_gradient_checkpointing(tiny_sd, feedback, tmp_path):
+    cfg = load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "run", **{
+        "lora.rank": 2, "train.max_steps": 2, "train.gradient_checkpointing": "true",
+        "log.validation_every": 2, "log.validation_prompts": "[a red circle, a blue square]", "log.validation_steps": 2}))
+    DiffusionKTOTrainer(cfg).train()
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "run" / "validation" / "step-00000002.png")
+    assert grid.width > 2 * 16 and grid.height > 2 * 16  # two rows (reference, policy) of two prompts
+
+
+def test_bf16_mixed_precision_lora(tiny_sd, feedback, tmp_path):
+    cfg = load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "run", **{
+        "lora.rank": 2, "train.max_steps": 1, "train.mixed_precision": "bf16"}))
+    trainer = DiffusionKTOTrainer(cfg)
+    assert trainer.family.vae.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.family.trainable_parameters())
+    assert trainer.train().steps == 1
+
+
+def test_non_finite_steps_are_skipped_then_stop(tiny_sd, feedback, tmp_path, monkeypatch):
+    from diffusion_kto import losses
+
+    cfg = load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "run", **{"lora.rank": 2, "train.max_steps": 10}))
+    trainer = DiffusionKTOTrainer(cfg)
+    before = {n: p.detach().clone() for n, p in trainer.family.unet.named_parameters() if p.requires_grad}
+    real = losses.kto_loss
+
+    def nan_loss(*a, **k):
+        out = real(*a, **k)
+        return out._replace(losses=out.losses * float("nan"))
+
+    monkeypatch.setattr(losses, "kto_loss", nan_loss)
+    with pytest.raises(FloatingPointError, match="consecutive non-finite"):
+        trainer.train()
+    assert trainer.skipped == 5
+    for n, p in trainer.family.unet.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(before[n], p.detach()), n

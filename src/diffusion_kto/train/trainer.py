@@ -87,6 +87,7 @@ class DiffusionKTOTrainer:
 
     def __init__(self, cfg: Config, *, family: DiffusionFamily | None = None, rows=None):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import ProjectConfiguration, set_seed
 
         self.cfg = cfg
@@ -94,6 +95,8 @@ class DiffusionKTOTrainer:
         self.rows, self.data_summary = (rows, None) if rows is not None else load_feedback(cfg)
         check_output_dir(cfg)
         report_to = None if cfg.log.report_to == "none" else cfg.log.report_to
+        _require_tracker(report_to)
+        AcceleratorState._reset_state()  # several runs in one process (demo, benchmarks) may differ in precision
         self.accelerator = Accelerator(
             mixed_precision=cfg.train.mixed_precision,
             gradient_accumulation_steps=cfg.train.grad_accum,
@@ -408,6 +411,17 @@ def _kto_metrics(out: losses.KTOOutput, desirable: torch.Tensor, kl: torch.Tenso
         "accuracy": out.accuracy.item(),
         "ref_err": errs["ref_err"].mean().item(),
     }
+
+
+def _require_tracker(report_to: str | None) -> None:
+    """A clear error when log.report_to names a tracker whose package is missing."""
+    import importlib.util
+
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to or "")
+    if package and importlib.util.find_spec(package) is None and not (
+        package == "tensorboard" and importlib.util.find_spec("tensorboardX")
+    ):
+        raise ConfigError(f"log.report_to={report_to} needs the {package} package: pip install {package}")
 
 
 def _nanmean(values: list[float]) -> float:
