@@ -20,6 +20,9 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--config", help="YAML run config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10")
+    p.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="re-launch through accelerate on N processes (GPUs, or CPU with gloo); "
+                        "train.batch_size is per process")
     p.set_defaults(func=_run_train)
 
 
@@ -59,10 +62,42 @@ def _add_toy(sub) -> None:
     pre.set_defaults(func=_run_toy_pretrain)
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole loop on the shipped shapes world: feedback, Diffusion-KTO, win rate, report (CPU, minutes)",
+        description="Example: dkto demo --out runs/demo",
+    )
+    p.add_argument("--out", default="runs/demo", help="output folder (must not exist or be empty)")
+    p.add_argument("--judge", default="preference",
+                   help="built-in judge name, package.module:callable, or path/to/file.py:callable")
+    p.add_argument("--budget", type=int, default=1024, help="feedback images to generate and judge")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label-noise", type=float, default=0.0, help="probability of flipping each label")
+    p.add_argument("--groups", type=int, default=8, help="seed groups per held-out prompt in the evaluation")
+    p.add_argument("--config", default=None, help="training config (default: configs/toy-kto.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from .toy.demo import CONFIG, DemoSettings, run_demo
+
+    settings = DemoSettings(out=Path(args.out), judge=args.judge, budget=args.budget, seed=args.seed,
+                            label_noise=args.label_noise, groups_per_prompt=args.groups,
+                            config=Path(args.config) if args.config else CONFIG, overrides=tuple(args.overrides))
+    run_demo(settings)
+    return 0
+
+
 def _run_train(args) -> int:
     from .config import load_config
     from .train import DiffusionKTOTrainer
+    from .train.launch import maybe_launch
 
+    code = maybe_launch(args.num_processes, (["--config", args.config] if args.config else []) + args.overrides)
+    if code is not None:
+        return code
     cfg = load_config(args.config, args.overrides)
     result = DiffusionKTOTrainer(cfg).train()
     print(f"trained {result.steps} steps in {result.seconds:.1f}s ({result.images_per_second:.2f} images/s)")
@@ -105,11 +140,66 @@ def _run_toy_pretrain(args) -> int:
     return 0
 
 
+def _add_convert(sub) -> None:
+    # names as in data/convert.py (not imported here: the data package pulls in torch, too slow for --help)
+    policies = ("win_intermediate", "win_only", "win_vs_rest", "gt_label_wi_l", "gt_label_w_l", "gt_label_w_il")
+    p = sub.add_parser("convert", help="convert preference data into like/dislike feedback (see docs/data.md)")
+    conv = p.add_subparsers(dest="convert_command", required=True)
+    pick = conv.add_parser(
+        "pickapic",
+        help="Pick-a-Pic v2 pairs -> one liked/disliked row per unique image (the paper's data)",
+        description="Example: dkto convert pickapic --src yuvalkirstain/pickapic_v2 --out data/pickapic-kto",
+    )
+    pick.add_argument("--src", default="yuvalkirstain/pickapic_v2", help="local parquet file or folder, or a hub id (streamed)")
+    pick.add_argument("--ties", choices=("neither", "win", "lose"), default="neither", help="how a 0.5/0.5 tie counts")
+    pick.add_argument("--split", default="train")
+    pick.add_argument("--limit", type=int, default=None, help="read at most this many rows")
+    pairs = conv.add_parser("pairs", help="paired preferences (prompt, chosen, rejected) -> liked/disliked rows")
+    pairs.add_argument("--src", required=True, help=".jsonl / .csv / .parquet file, parquet folder, or hub id")
+    pairs.add_argument("--prompt-column", default="prompt")
+    pairs.add_argument("--chosen-column", default="chosen")
+    pairs.add_argument("--rejected-column", default="rejected")
+    pairs.add_argument("--split", default="train")
+    official = conv.add_parser("official-csv", help="the official Diffusion-KTO CSV (file_name, caption, split) -> JSONL")
+    official.add_argument("--src", required=True)
+    for q in (pick, pairs, official):
+        q.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+        q.add_argument("--policy", choices=policies, default="win_intermediate",
+                       help="which images are liked (docs/data.md); default: preferred at least once")
+    to_pairs = conv.add_parser("to-pairs", help="liked x disliked rows of the same prompt -> pairs.jsonl")
+    to_pairs.add_argument("--src", required=True, help="feedback data (anything data.path accepts)")
+    to_pairs.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    to_pairs.add_argument("--max-pairs-per-prompt", type=int, default=4, help="0: no cap")
+    to_pairs.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from .data import convert, read_feedback
+
+    kind = args.convert_command
+    if kind == "to-pairs":
+        pairs = convert.feedback_to_pairs(read_feedback(args.src), args.max_pairs_per_prompt or None, args.seed)
+        print(f"wrote {len(pairs)} pairs to {convert.write_pairs(pairs, args.out)}")
+        return 0
+    if kind == "pickapic":
+        summary = convert.pickapic_to_feedback(args.src, args.out, args.policy, ties=args.ties, split=args.split,
+                                               limit=args.limit, progress=True)
+    elif kind == "pairs":
+        summary = convert.pairs_to_feedback(args.src, args.out, args.policy, prompt_column=args.prompt_column,
+                                            chosen_column=args.chosen_column, rejected_column=args.rejected_column,
+                                            split=args.split)
+    else:
+        summary = convert.official_csv_to_feedback(args.src, args.out, args.policy)
+    print("\n".join(summary.lines()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `dkto` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="dkto", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_check_config, _add_sample, _add_toy):
+    for add in (_add_train, _add_check_config, _add_sample, _add_demo, _add_toy, _add_convert):
         add(sub)
     return parser
 
@@ -122,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FeedbackError) as err:
+    except (ConfigError, FeedbackError, FileExistsError) as err:
         print(f"dkto {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,7 @@ the allowed values.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -220,6 +221,8 @@ def validate(cfg: Any, prefix: str = "") -> None:
         meta = f.metadata
         if "choices" in meta and value not in meta["choices"]:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(meta['choices'])}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         if "min" in meta and value is not None:
             if value < meta["min"] or (meta.get("strict") and value == meta["min"]):
                 op = ">" if meta.get("strict") else ">="
@@ -232,13 +235,21 @@ def validate(cfg: Any, prefix: str = "") -> None:
 
 def _validate_cross_fields(cfg: Config) -> None:
     """Rules that involve more than one field."""
-    if cfg.train.resume not in (None, "latest") and not Path(cfg.train.resume).exists():
+    if cfg.train.resume not in (None, "latest") and not _exists(cfg.train.resume):
         raise ConfigError(f"train.resume: {cfg.train.resume!r} is neither 'latest' nor an existing checkpoint folder")
     if cfg.loss.name == "kto" and cfg.loss.reference_point == "mismatched" and cfg.train.batch_size < 2:
         raise ConfigError(
             "loss.reference_point=mismatched needs train.batch_size >= 2 (prompts are rolled within the batch); "
             "use a larger batch or loss.reference_point=matched"
         )
+
+
+def _exists(path: str) -> bool:
+    """Path existence that treats unusable path strings (NUL bytes, too long) as missing."""
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):
+        return False
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
