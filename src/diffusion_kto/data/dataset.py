@@ -1,0 +1,87 @@
+"""The training dataset: feedback rows in, transformed pixels + prompt + desirable flag out.
+
+Keys are the `(row_index, draw_id)` tuples of `DesirableSampler`; all randomness of an item (crop, flip, caption
+dropout) comes from (seed, draw_id), so items are deterministic and independent of the DataLoader worker.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.utils.data
+
+from .feedback import FeedbackRow, load_image
+from .transforms import draw_choices, transform_caption, transform_image
+
+
+class FeedbackDataset(torch.utils.data.Dataset):
+    """Feedback rows as training items: {"pixel_values", "prompt", "desirable", "row", "draw_id"}."""
+
+    def __init__(
+        self,
+        rows: Sequence[FeedbackRow],
+        *,
+        resolution: int,
+        center_crop: bool = True,
+        random_flip: bool = True,
+        caption_dropout: float = 0.0,
+        seed: int = 0,
+    ):
+        """Keep the rows and the transform settings (caption_dropout: probability of replacing the prompt by "")."""
+        if int(resolution) < 1:
+            raise ValueError(f"resolution must be >= 1, got {resolution}")
+        if not (math.isfinite(caption_dropout) and 0.0 <= caption_dropout <= 1.0):
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        self.rows = list(rows)
+        self.resolution = int(resolution)
+        self.center_crop = bool(center_crop)
+        self.random_flip = bool(random_flip)
+        self.caption_dropout = float(caption_dropout)
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        """Number of feedback rows."""
+        return len(self.rows)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict:
+        """The item for (row_index, draw_id) from the sampler, or for a plain row index (draw_id 0)."""
+        index, draw_id = _split_key(key)
+        if not 0 <= index < len(self.rows):
+            raise IndexError(f"row index {index} out of range for {len(self.rows)} feedback rows")
+        row = self.rows[index]
+        choices = draw_choices(self.seed, draw_id, self.caption_dropout)
+        pixels = transform_image(
+            load_image(row), self.resolution, choices, center_crop=self.center_crop, random_flip=self.random_flip
+        )
+        return {
+            "pixel_values": pixels,
+            "prompt": transform_caption(row.prompt, choices),
+            "desirable": row.desirable,
+            "row": index,
+            "draw_id": draw_id,
+        }
+
+
+def _split_key(key: tuple[int, int] | int) -> tuple[int, int]:
+    """(row_index, draw_id) from a sampler key or a plain index."""
+    if isinstance(key, (tuple, list)):
+        if len(key) != 2:
+            raise TypeError(f"expected a (row_index, draw_id) key, got {key!r}")
+        return int(key[0]), int(key[1])
+    if isinstance(key, torch.Tensor):
+        key = key.item()
+    return int(key), 0
+
+
+def collate(batch: Sequence[dict]) -> dict:
+    """Stack items: {"pixel_values": (B,3,R,R), "prompts", "desirable": bool (B,), "rows", "draw_ids": (B,)}."""
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
+        "prompts": [item["prompt"] for item in batch],
+        "desirable": torch.tensor([bool(item["desirable"]) for item in batch], dtype=torch.bool),
+        "rows": torch.tensor([int(item["row"]) for item in batch], dtype=torch.long),
+        "draw_ids": torch.tensor([int(item.get("draw_id", 0)) for item in batch], dtype=torch.long),
+    }
