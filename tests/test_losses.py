@@ -112,3 +112,19 @@ def test_unknown_utility():
 def test_sft_loss_only_liked():
     out = losses.sft_loss(POLICY, LIKED).losses
     torch.testing.assert_close(out, torch.tensor([0.10, 0.0, 0.30, 0.0], dtype=torch.float64))
+
+
+def test_dpo_loss_hand_values():
+    """(pw - pl) - (rw - rl) = (0.1 - 0.3) - (0.2 - 0.2) = -0.2; beta = 10 -> inside = -5 * -0.2 = 1."""
+    out = losses.dpo_loss(torch.tensor([0.1, 0.3]), torch.tensor([0.3, 0.1]), torch.tensor([0.2, 0.2]),
+                          torch.tensor([0.2, 0.2]), beta=10.0)
+    expected = torch.tensor([-math.log(_sig(1.0)), -math.log(_sig(-1.0))])
+    torch.testing.assert_close(out.losses, expected, atol=1e-6, rtol=0)
+    assert out.accuracy.item() == pytest.approx(0.5)
+
+
+def test_dpo_gradient_prefers_the_chosen_image():
+    pw = torch.tensor([0.2], requires_grad=True)
+    pl = torch.tensor([0.2], requires_grad=True)
+    losses.dpo_loss(pw, pl, torch.tensor([0.2]), torch.tensor([0.2]), beta=100.0).losses.sum().backward()
+    assert pw.grad.item() > 0 and pl.grad.item() < 0  # lower error on the chosen, higher on the rejected

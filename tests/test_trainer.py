@@ -140,3 +140,22 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_sd, feedback, tmp_path, mon
     for n, p in trainer.family.unet.named_parameters():
         if p.requires_grad:
             assert torch.equal(before[n], p.detach()), n
+
+
+@pytest.mark.parametrize("name", ["csft", "dpo"])
+def test_baselines_train(tiny_sd, tmp_path, name):
+    """CSFT and DPO run through the same trainer; DPO pairs need same-prompt liked x disliked rows."""
+    import json
+
+    from conftest import write_feedback
+
+    data = write_feedback(tmp_path / "d")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps({**r, "prompt": "a red circle" if i < 4 else "a blue square"}) + "\n"
+                            for i, r in enumerate(rows)))
+    cfg = load_config(None, tiny_overrides(tiny_sd, data, tmp_path / "run", **{"loss.name": name, "lora.rank": 2,
+                                                                                "train.batch_size": 2}))
+    trainer = DiffusionKTOTrainer(cfg)
+    lora = {n: p.detach().clone() for n, p in trainer.family.unet.named_parameters() if p.requires_grad}
+    assert trainer.train().steps == 3
+    assert all(not torch.equal(lora[n], p) for n, p in trainer.family.unet.named_parameters() if p.requires_grad)

@@ -69,13 +69,14 @@ class DataConfig:
     center_crop: bool = True
     random_flip: bool = True
     num_workers: int = _positive(0, allow_zero=True)
+    max_pairs_per_prompt: int = _positive(4, "loss.name=dpo: same-prompt liked x disliked pairs kept per prompt")
 
 
 @dataclass
 class LossConfig:
     """The objective: Diffusion-KTO or a baseline."""
 
-    name: str = _choice("kto", ("kto", "sft"))
+    name: str = _choice("kto", ("kto", "sft", "csft", "dpo"))  # sft/csft/dpo are the paper's baselines
     beta: float = _positive(5000.0, "paper: 5000; official script default 1000")
     utility: str = _choice("kt", ("kt", "loss_averse", "risk_seeking"))
     reference_point: str = _choice("mismatched", ("mismatched", "matched", "none"))

@@ -102,3 +102,22 @@ def kto_loss(
 def sft_loss(policy_err: Tensor, desirable: Tensor) -> SFTOutput:
     """Supervised fine-tuning baseline: the denoising loss on liked images only (paper §5, "SFT")."""
     return SFTOutput(losses=policy_err * desirable.to(device=policy_err.device, dtype=policy_err.dtype))
+
+
+class DPOOutput(NamedTuple):
+    """Per-pair Diffusion-DPO losses plus detached diagnostics."""
+
+    losses: Tensor  # (P,) not reduced
+    margins: Tensor  # (P,) the argument of log-sigmoid, detached; > 0 means the preferred image is favoured
+    accuracy: Tensor  # () share of pairs with margin > 0
+
+
+def dpo_loss(policy_err_w: Tensor, policy_err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor, *,
+             beta: float) -> DPOOutput:
+    """Diffusion-DPO baseline: -log sigma(-beta/2 ((policy_w - policy_l) - (ref_w - ref_l))) per pair.
+
+    w / l are the preferred / rejected image of a pair, denoised with the same noise and t (Wallace et al. 2024,
+    Eq. 14 with T*omega(lambda_t) folded into beta, as in the official Diffusion-DPO code)."""
+    inside = -0.5 * beta * ((policy_err_w - policy_err_l) - (ref_err_w - ref_err_l))  # (P,)
+    margins = inside.detach()
+    return DPOOutput(losses=-F.logsigmoid(inside), margins=margins, accuracy=(margins > 0).float().mean())

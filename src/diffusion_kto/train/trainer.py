@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 from .. import diffusion, losses
 from ..config import Config, ConfigError, save_config, to_dict
 from ..data import DesirableSampler, FeedbackDataset, collate, read_feedback, validate
+from ..data.baselines import PairDataset, collate_pairs, csft_prompt
+from ..data.convert import feedback_to_pairs
 from ..models import DiffusionFamily, load_family
 from . import checkpoint
 from .metrics import MetricsFile, postfix
@@ -28,8 +30,8 @@ log = logging.getLogger(__name__)
 # Streams of the counter-based randomness: each sample's draws depend only on (seed, draw id, stream).
 _STREAM_TIMESTEP, _STREAM_NOISE, _STREAM_LATENT = 1, 2, 3
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_LOSSES_NEEDING_REFERENCE = {"kto"}
-_LOSSES_NEEDING_BOTH_CLASSES = {"kto"}
+_LOSSES_NEEDING_REFERENCE = {"kto", "dpo"}
+_LOSSES_NEEDING_BOTH_CLASSES = {"kto", "csft", "dpo"}
 
 
 @dataclass
@@ -147,10 +149,18 @@ class DiffusionKTOTrainer:
         )
 
     def _loader(self, start_micro_step: int):
-        """An endless DataLoader of this process's share of the gamma-sampled global batches."""
+        """An endless DataLoader of this process's share of the gamma-sampled global batches (pairs for dpo)."""
         cfg, acc = self.cfg, self.accelerator
-        desirable = [r.desirable for r in self.rows]
-        ratio = 1.0 if cfg.loss.name not in _LOSSES_NEEDING_BOTH_CLASSES else cfg.data.desirable_ratio
+        transform = dict(resolution=cfg.data.resolution, center_crop=cfg.data.center_crop,
+                         random_flip=cfg.data.random_flip, caption_dropout=cfg.data.caption_dropout, seed=cfg.train.seed)
+        if cfg.loss.name == "dpo":
+            pairs = feedback_to_pairs(self.rows, cfg.data.max_pairs_per_prompt, seed=cfg.train.seed)
+            dataset, collate_fn = PairDataset(pairs, **transform), collate_pairs
+            desirable, ratio = [True] * len(pairs), 1.0  # pairs are drawn uniformly
+        else:
+            dataset, collate_fn = FeedbackDataset(self.rows, **transform), collate
+            desirable = [r.desirable for r in self.rows]
+            ratio = 1.0 if cfg.loss.name == "sft" else cfg.data.desirable_ratio  # sft sees liked rows only
         sampler = DesirableSampler(
             desirable,
             ratio,
@@ -160,19 +170,11 @@ class DiffusionKTOTrainer:
             world_size=acc.num_processes,
             start_step=start_micro_step,
         )
-        dataset = FeedbackDataset(
-            self.rows,
-            resolution=cfg.data.resolution,
-            center_crop=cfg.data.center_crop,
-            random_flip=cfg.data.random_flip,
-            caption_dropout=cfg.data.caption_dropout,
-            seed=cfg.train.seed,
-        )
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=cfg.train.batch_size,
             sampler=sampler,
-            collate_fn=collate,
+            collate_fn=collate_fn,
             num_workers=cfg.data.num_workers,
             pin_memory=acc.device.type == "cuda",
             persistent_workers=cfg.data.num_workers > 0,
@@ -191,7 +193,7 @@ class DiffusionKTOTrainer:
         out = {"policy_err": diffusion.per_sample_error(fam.predict(x_t, t, cond), tgt)}
         if self.cfg.loss.name not in _LOSSES_NEEDING_REFERENCE:
             return out
-        mode = self.cfg.loss.reference_point
+        mode = self.cfg.loss.reference_point if self.cfg.loss.name == "kto" else "matched"
         if mode == "mismatched":  # prompts rolled by one within the batch: unrelated (image, prompt) pairs
             cond_mis = cond.roll(1, dims=0)
             ref = fam.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond_mis]), reference=True)
@@ -219,20 +221,11 @@ class DiffusionKTOTrainer:
         """Forward the loss for one micro-batch and backpropagate it (the optimizer step is done by the loop)."""
         cfg, acc = self.cfg, self.accelerator
         desirable = batch["desirable"].to(acc.device)
+        if cfg.loss.name == "csft":  # condition on the label: "good image, ..." / "bad image, ..."
+            batch = {**batch, "prompts": [csft_prompt(p, d) for p, d in zip(batch["prompts"], batch["desirable"].tolist())]}
         with acc.autocast():
             errs = self._errors(batch)
-            if cfg.loss.name == "sft":
-                per_sample = losses.sft_loss(errs["policy_err"], desirable).losses
-                metrics = {}
-            else:
-                kl = self._reference_point(errs)
-                out = losses.kto_loss(
-                    errs["policy_err"], errs["ref_err"], desirable, kl,
-                    beta=cfg.loss.beta, utility=cfg.loss.utility,
-                    desirable_weight=cfg.loss.desirable_weight, undesirable_weight=cfg.loss.undesirable_weight,
-                )
-                per_sample = out.losses
-                metrics = _kto_metrics(out, desirable, kl, errs)
+            per_sample, metrics = self._loss(errs, desirable)
         loss = per_sample.mean()
         metrics["policy_err"] = errs["policy_err"].detach().mean().item()
         finite = acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum").item() == acc.num_processes
@@ -241,6 +234,26 @@ class DiffusionKTOTrainer:
         metrics["loss"] = loss.detach().item()
         metrics["finite"] = float(finite)
         return StepOutput(loss=loss.detach(), metrics=metrics)
+
+    def _loss(self, errs: dict[str, torch.Tensor], desirable: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Per-sample (or per-pair) losses of the configured objective and its diagnostics."""
+        cfg = self.cfg.loss
+        if cfg.name == "sft":
+            return losses.sft_loss(errs["policy_err"], desirable).losses, {}
+        if cfg.name == "csft":
+            return errs["policy_err"], {}
+        if cfg.name == "dpo":  # the batch holds all preferred images first, then their rejected partners
+            (pw, pl), (rw, rl) = errs["policy_err"].chunk(2), errs["ref_err"].chunk(2)
+            out = losses.dpo_loss(pw, pl, rw, rl, beta=cfg.beta)
+            return out.losses, {"accuracy": out.accuracy.item(), "margin": out.margins.mean().item(),
+                                "ref_err": errs["ref_err"].mean().item()}
+        kl = self._reference_point(errs)
+        out = losses.kto_loss(
+            errs["policy_err"], errs["ref_err"], desirable, kl,
+            beta=cfg.beta, utility=cfg.utility,
+            desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
+        )
+        return out.losses, _kto_metrics(out, desirable, kl, errs)
 
     # ---------------------------------------------------------------------------------------- the loop
 
