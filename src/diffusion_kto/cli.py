@@ -195,11 +195,69 @@ def _run_convert(args) -> int:
     return 0
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="compare models with the paper's protocol: paired images, reward models, median-of-N win rates, report",
+        description="Example: dkto eval --models aligned=toy+lora:runs/toy-kto base=toy --prompts toy "
+                    "--metrics toy:preference --out runs/eval   (see docs/evaluation.md)",
+    )
+    p.add_argument("--models", nargs="+", required=True, metavar="NAME=BASE[+lora:DIR|+unet:DIR]",
+                   help="models to compare; the first is compared against each other one (Table 1 layout)")
+    p.add_argument("--prompts", default="toy", help="toy, pickapic[:split], parti, hps[:style], or a .txt/.jsonl/.csv file")
+    p.add_argument("--num-prompts", type=int, default=None, help="use only the first K prompts")
+    p.add_argument("--metrics", action="append", default=None,
+                   help="comma-separated: pickscore, clip, aesthetic, hpsv2, imagereward, toy:<judge>; "
+                        "NAME=PATH_OR_ID picks weights (default: toy:preference)")
+    p.add_argument("--metric-option", action="append", default=[], metavar="METRIC.KEY=VALUE",
+                   help="scorer option, e.g. aesthetic.clip=/models/clip-vit-large-patch14 or clip.batch_size=16")
+    p.add_argument("--images-per-prompt", type=int, default=5, help="N of the median-of-N protocol (paper: 5)")
+    p.add_argument("--seed", type=int, default=0, help="image k of prompt i uses seed + i*N + k in every model")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; the toy demo's 20 for toy)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5; 3.0 for toy)")
+    p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's; 32 for toy)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per generation batch")
+    p.add_argument("--score-batch-size", type=int, default=32, help="images per scorer batch")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    pairs = p.add_mutually_exclusive_group()
+    pairs.add_argument("--focus", default=None, help="compare this model against each other one (default: the first)")
+    pairs.add_argument("--all-pairs", action="store_true", help="compare every pair of models")
+    p.add_argument("--ci", choices=("normal", "wilson"), default="normal", help="95%% interval kind")
+    p.add_argument("--ci-n", choices=("prompts", "images"), default="prompts",
+                   help="trials in the interval: prompts (default) or images (the paper's ± values)")
+    p.add_argument("--grid-prompts", type=int, default=8, help="prompts shown in the report's image grid")
+    p.add_argument("--out", required=True, help="output folder; running again reuses its images and scores")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from .evaluation.prompts import PromptError
+    from .evaluation.run import EvalError, EvalSettings, ModelSpec, run_eval
+    from .evaluation.scorers import ScorerError
+
+    try:
+        settings = EvalSettings(
+            models=[ModelSpec.parse(m) for m in args.models], out=Path(args.out), prompts=args.prompts,
+            metrics=args.metrics or ["toy:preference"], metric_options=args.metric_option,
+            num_prompts=args.num_prompts, images_per_prompt=args.images_per_prompt, seed=args.seed,
+            steps=args.steps, guidance=args.guidance, resolution=args.resolution, batch_size=args.batch_size,
+            score_batch_size=args.score_batch_size, device=args.device, focus=args.focus,
+            all_pairs=args.all_pairs, ci=args.ci, ci_n=args.ci_n, grid_prompts=args.grid_prompts)
+        results = run_eval(settings)
+    except (EvalError, PromptError, ScorerError) as err:
+        print(f"dkto eval: error: {err}", file=sys.stderr)
+        return 2
+    print(results["_tables"]["winrates"] or "(one model: no win rates)")
+    print(results["_tables"]["means"])
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `dkto` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="dkto", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_check_config, _add_sample, _add_demo, _add_toy, _add_convert):
+    for add in (_add_train, _add_check_config, _add_sample, _add_demo, _add_toy, _add_convert, _add_eval):
         add(sub)
     return parser
 
