@@ -363,8 +363,9 @@ _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json"
 
 
 def _read_folder(folder: Path, name: str, columns: tuple[str, str, str], split: str) -> list[FeedbackRow]:
-    """Rows of an image folder (metadata.jsonl / metadata.csv beside the images) or a save_to_disk folder."""
-    for metadata in ("metadata.jsonl", "metadata.csv"):
+    """Rows of an image folder (metadata.jsonl / metadata.csv / feedback.jsonl beside the images) or a save_to_disk
+    folder; feedback.jsonl is what ``dkto demo`` and ``dkto convert`` write."""
+    for metadata in ("metadata.jsonl", "metadata.csv", "feedback.jsonl"):
         if (folder / metadata).is_file():
             image_column = columns[0]
             present = _metadata_columns(folder / metadata, str(Path(name) / metadata))
@@ -375,7 +376,7 @@ def _read_folder(folder: Path, name: str, columns: tuple[str, str, str], split: 
     if any((folder / marker).is_file() for marker in _SAVED_DATASET_MARKERS):
         return _read_saved_dataset(folder, name, columns, split)
     raise FeedbackError(
-        f"{name}: folder has no metadata.jsonl or metadata.csv (image folder) and is not a datasets save_to_disk folder"
+        f"{name}: folder has no metadata.jsonl, metadata.csv or feedback.jsonl and is not a datasets save_to_disk folder"
     )
 
 
