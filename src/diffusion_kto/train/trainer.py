@@ -62,7 +62,7 @@ def check_output_dir(cfg: Config) -> None:
     if cfg.train.resume is not None:
         return
     if cfg.train.overwrite:
-        shutil.rmtree(out)
+        shutil.rmtree(out, ignore_errors=True)  # every process of a multi-process run gets here
         return
     raise ConfigError(
         f"train.output_dir: {str(out)!r} already exists and is not empty; pass train.resume=latest to continue "
@@ -105,6 +105,7 @@ class DiffusionKTOTrainer:
             log_with=report_to,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
         )
+        _require_data_parallel(self.accelerator)
         self.weight_dtype = _DTYPES[cfg.train.mixed_precision]
         set_seed(cfg.train.seed)  # LoRA initialisation draws from the global RNGs
         self.family = family or load_family(cfg, weight_dtype=self.weight_dtype, device=self.accelerator.device)
@@ -424,6 +425,17 @@ def _kto_metrics(out: losses.KTOOutput, desirable: torch.Tensor, kl: torch.Tenso
         "accuracy": out.accuracy.item(),
         "ref_err": errs["ref_err"].mean().item(),
     }
+
+
+def _require_data_parallel(accelerator) -> None:
+    """Refuse FSDP / DeepSpeed / Megatron: the UNet, its reference and the optimizer are prepared for DDP only."""
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ConfigError(
+            f"accelerate distributed_type {kind} is not supported by the trainer yet (it prepares the UNet and the "
+            "optimizer separately and runs the reference outside the wrapper); launch with "
+            "configs/accelerate/multi-gpu-ddp.yaml instead, see docs/multi-gpu.md"
+        )
 
 
 def _require_tracker(report_to: str | None) -> None:
