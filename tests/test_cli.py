@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from tiny import tiny_overrides
 
 
 def dkto(*args, cwd=None):

@@ -10,7 +10,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from tiny import tiny_overrides
 
 STEPS = 6
 

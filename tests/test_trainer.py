@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from tiny import tiny_overrides
 from diffusion_kto.config import ConfigError, load_config
 from diffusion_kto.train import DiffusionKTOTrainer
 
@@ -53,7 +53,7 @@ def test_full_finetune_changes_every_unet_weight_and_not_the_reference(tiny_sd, 
 
 
 def test_sft_needs_no_disliked_rows_and_skips_reference(tiny_sd, tmp_path):
-    from conftest import write_feedback
+    from tiny import write_feedback
     import json
 
     data = write_feedback(tmp_path / "d")
@@ -147,7 +147,7 @@ def test_baselines_train(tiny_sd, tmp_path, name):
     """CSFT and DPO run through the same trainer; DPO pairs need same-prompt liked x disliked rows."""
     import json
 
-    from conftest import write_feedback
+    from tiny import write_feedback
 
     data = write_feedback(tmp_path / "d")
     rows = [json.loads(line) for line in data.read_text().splitlines()]

@@ -1,0 +1,94 @@
+"""Tiny Stable Diffusion pipelines built from configs and tiny feedback datasets, all offline (imported by tests as `tiny`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+WORDS = ["a", "red", "green", "blue", "circle", "square", "photo", "of"]
+
+
+def write_tiny_tokenizer(folder: Path) -> None:
+    """A CLIP tokenizer whose vocabulary is a handful of whole words (transformers tokenizer-test idiom)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = sorted({c for w in WORDS for c in w})
+    vocab = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars] + [w + "</w>" for w in WORDS]
+    merges = ["#version: 0.2"]
+    for word in WORDS:  # merge characters left to right into the whole word
+        pieces = list(word)
+        pieces[-1] += "</w>"
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            merged = pieces[0] + pieces[1]
+            if merged not in vocab:
+                vocab.append(merged)
+            pieces = [merged] + pieces[2:]
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(dict.fromkeys(vocab))}))
+    (folder / "merges.txt").write_text("\n".join(dict.fromkeys(merges)) + "\n")
+
+
+def build_tiny_sd(folder: Path, *, prediction_type: str = "epsilon") -> Path:
+    """Save a tiny StableDiffusionPipeline (random weights, 16x16 images) with save_pretrained."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    write_tiny_tokenizer(folder / "_tok")
+    tokenizer = CLIPTokenizer(str(folder / "_tok" / "vocab.json"), str(folder / "_tok" / "merges.txt"), model_max_length=8)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        sample_size=16,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=len(json.loads((folder / "_tok" / "vocab.json").read_text())), max_position_embeddings=8,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type, beta_schedule="scaled_linear",
+                              beta_start=0.00085, beta_end=0.012)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder / "pipe", safe_serialization=True)
+    return folder / "pipe"
+
+
+def write_feedback(folder: Path, n: int = 8, *, size: int = 16) -> Path:
+    """Solid-colour PNGs with prompts and alternating like/dislike labels, as JSONL with relative paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        name = list(colours)[i % 3]
+        arr = np.clip(np.array(colours[name]) + rng.normal(0, 10, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+        shape = "circle" if i % 2 else "square"
+        lines.append(json.dumps({"image": f"img{i}.png", "prompt": f"a {name} {shape}", "label": i % 2 == 0}))
+    path = folder / "feedback.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny_overrides(pipe: Path, data: Path, out: Path, **extra) -> list[str]:
+    """Config overrides for a seconds-long run on the tiny pipeline."""
+    base = {
+        "model.pretrained": str(pipe), "data.path": str(data), "data.resolution": 16, "train.output_dir": str(out),
+        "train.max_steps": 3, "train.batch_size": 4, "train.checkpoint_every": 0, "log.every": 1,
+        "optim.lr": 1e-3, "optim.warmup_steps": 0, "loss.beta": 100.0, "data.caption_dropout": 0.0,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
