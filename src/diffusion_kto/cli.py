@@ -212,13 +212,15 @@ def _add_eval(sub) -> None:
     p.add_argument("--metric-option", action="append", default=[], metavar="METRIC.KEY=VALUE",
                    help="scorer option, e.g. aesthetic.clip=/models/clip-vit-large-patch14 or clip.batch_size=16")
     p.add_argument("--images-per-prompt", type=int, default=5, help="N of the median-of-N protocol (paper: 5)")
-    p.add_argument("--seed", type=int, default=0, help="image k of prompt i uses seed + i*N + k in every model")
+    p.add_argument("--seed", type=int, default=0, help="image k of prompt i uses seed + 1000*i + k in every model")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; the toy demo's 20 for toy)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5; 3.0 for toy)")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's; 32 for toy)")
     p.add_argument("--batch-size", type=int, default=8, help="images per generation batch")
     p.add_argument("--score-batch-size", type=int, default=32, help="images per scorer batch")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="generation precision (float16 halves GPU time; recorded with the images)")
     pairs = p.add_mutually_exclusive_group()
     pairs.add_argument("--focus", default=None, help="compare this model against each other one (default: the first)")
     pairs.add_argument("--all-pairs", action="store_true", help="compare every pair of models")
@@ -241,7 +243,7 @@ def _run_eval(args) -> int:
             metrics=args.metrics or ["toy:preference"], metric_options=args.metric_option,
             num_prompts=args.num_prompts, images_per_prompt=args.images_per_prompt, seed=args.seed,
             steps=args.steps, guidance=args.guidance, resolution=args.resolution, batch_size=args.batch_size,
-            score_batch_size=args.score_batch_size, device=args.device, focus=args.focus,
+            score_batch_size=args.score_batch_size, device=args.device, dtype=args.dtype, focus=args.focus,
             all_pairs=args.all_pairs, ci=args.ci, ci_n=args.ci_n, grid_prompts=args.grid_prompts)
         results = run_eval(settings)
     except (EvalError, PromptError, ScorerError) as err:

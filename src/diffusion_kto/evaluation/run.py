@@ -7,8 +7,8 @@ Models are written ``NAME=BASE[+lora:DIR | +unet:DIR | +DIR]``:
 * ``+unet:DIR``: a diffusers UNet folder, or a run folder with ``unet/`` inside (a full fine-tune's export).
 * ``+DIR``: either of the two, recognised from the folder's contents.
 
-Every model draws N images per prompt with the same seeds (``seed + prompt_index · N + k``), so comparisons are
-paired. Images land in ``OUT/images/<model>/p<prompt index>_s<seed>.png`` and are reused when the command runs
+Every model draws N images per prompt with the same seeds (``seed + 1000 · prompt_index + k``), so comparisons
+are paired, and a later run with more prompts or a larger N reuses every image already made. Images land in ``OUT/images/<model>/p<prompt index>_s<seed>.png`` and are reused when the command runs
 again; ``generation.json`` beside them records the model, sampler, steps, guidance and resolution, and a run
 with different settings stops rather than mixing images. Scores are cached per model and metric in
 ``OUT/scores/`` and recomputed when any image changed.
@@ -36,6 +36,7 @@ from .scorers import Metric, parse_metrics, resolve_device
 LORA_FILE = "pytorch_lora_weights.safetensors"
 TOY_SAMPLING = {"steps": 20, "guidance": 3.0, "resolution": 32}  # the toy demo's sampling (toy/demo.py)
 DEFAULT_SAMPLING = {"steps": 50, "guidance": 7.5, "resolution": None}
+SEED_STRIDE = 1000  # seeds of prompt i are seed + SEED_STRIDE * i + k, so N is at most SEED_STRIDE
 HASH_LIMIT = 256 * 2**20  # weight files up to this size are hashed whole; larger ones by size and ends
 
 
@@ -160,6 +161,7 @@ class EvalSettings:
     batch_size: int = 8
     score_batch_size: int = 32
     device: str | None = None
+    dtype: str = "float32"  # generation precision; float16 / bfloat16 halve GPU time and memory
     focus: str | None = None  # None: the first model against each other one (Table 1 layout)
     all_pairs: bool = False
     ci: str = "normal"
@@ -174,7 +176,8 @@ class EvalSettings:
         default = TOY_SAMPLING if toy else DEFAULT_SAMPLING
         return {"steps": self.steps if self.steps is not None else default["steps"],
                 "guidance": self.guidance if self.guidance is not None else default["guidance"],
-                "resolution": self.resolution if self.resolution is not None else default["resolution"]}
+                "resolution": self.resolution if self.resolution is not None else default["resolution"],
+                "dtype": self.dtype}
 
     def check(self) -> None:
         """EvalError for settings that cannot work, before anything is loaded."""
@@ -183,8 +186,10 @@ class EvalSettings:
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise EvalError(f"model names must be unique, got {names}")
-        if self.images_per_prompt < 1:
-            raise EvalError("--images-per-prompt must be at least 1")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise EvalError(f"--dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if not 1 <= self.images_per_prompt <= SEED_STRIDE:
+            raise EvalError(f"--images-per-prompt must be between 1 and {SEED_STRIDE}")
         if self.focus is not None and self.focus not in names:
             raise EvalError(f"--focus {self.focus!r} is not one of the models {names}")
         if len(self.models) < 2:
@@ -194,8 +199,8 @@ class EvalSettings:
 
 
 def seeds_for(n_prompts: int, n: int, seed: int) -> np.ndarray:
-    """Seed of image k of prompt i: seed + i·N + k, the same for every model: (n_prompts, N)."""
-    return seed + np.arange(n_prompts)[:, None] * n + np.arange(n)[None, :]
+    """Seed of image k of prompt i: seed + 1000·i + k, the same for every model and any N: (n_prompts, N)."""
+    return seed + np.arange(n_prompts)[:, None] * SEED_STRIDE + np.arange(n)[None, :]
 
 
 def image_path(folder: Path, prompt_index: int, seed: int) -> Path:
@@ -265,6 +270,8 @@ def save_png(image: Image.Image, path: Path) -> None:
 def generate_model(spec: ModelSpec, prompts: list[str], seeds: np.ndarray, folder: Path, settings: EvalSettings
                    ) -> dict:
     """Generate the missing images of one model (batched, saved as they come); returns counts and the sampler."""
+    import torch
+
     from ..sampling import generate, load_pipeline
 
     sampling = settings.sampling()
@@ -273,7 +280,8 @@ def generate_model(spec: ModelSpec, prompts: list[str], seeds: np.ndarray, folde
     total = seeds.size
     if not todo:
         return {"generated": 0, "reused": total}
-    pipe = load_pipeline(spec.base, lora=spec.lora, unet=spec.unet, device=resolve_device(settings.device))
+    pipe = load_pipeline(spec.base, lora=spec.lora, unet=spec.unet, device=resolve_device(settings.device),
+                         dtype=getattr(torch, sampling["dtype"]))
     record = _read_json(folder / "generation.json")
     record["sampler"] = type(pipe.scheduler).__name__
     _write_json(folder / "generation.json", record)
@@ -439,7 +447,7 @@ def write_eval_report(settings: EvalSettings, prompts: PromptSet, seeds: np.ndar
         "models": {m.name: {"spec": m.describe(), "base": m.base, "lora": m.lora, "unet": m.unet,
                             "sampler": samplers[m.name], **generation[m.name]} for m in settings.models},
         "prompts": {"set": prompts.name, "source": prompts.source, "count": len(prompts)},
-        "protocol": {"images_per_prompt": n, "seeds": f"seed + prompt_index * {n} + k (k < {n}), same for every model",
+        "protocol": {"images_per_prompt": n, "seeds": f"seed + {SEED_STRIDE} * prompt_index + k (k < {n}), same for every model",
                      "seed": settings.seed, **sampling,
                      "win_rate": "per prompt, the median-scored of the N images of each model is compared; "
                                  "ties count half",
@@ -451,12 +459,13 @@ def write_eval_report(settings: EvalSettings, prompts: PromptSet, seeds: np.ndar
         "timings_s": settings.timings,
         "run": {"command": " ".join(["dkto", *sys.argv[1:]]) if sys.argv else "dkto eval", "commit": _commit()},
     }
-    notes = [f"{len(prompts)} prompts from {prompts.source}; {n} images per prompt per model with the same seeds "
-             "for every model (paired).",
-             f"Win rate of A over B: per prompt, A's median-scored image against B's; ties count half. "
-             f"95% {settings.ci} interval over n = {settings.ci_n} (ci_n='images' reproduces the paper's ± values).",
-             f"Sampling: {sampling['steps']} steps, guidance {sampling['guidance']}, resolution "
-             f"{sampling['resolution'] or 'model default'}, sampler {', '.join(sorted(set(samplers.values())))}."]
+    notes = [(f"{len(prompts)} prompts from {prompts.source}; {n} images per prompt per model with the same "
+              "seeds for every model (paired)."),
+             ("Win rate of A over B: per prompt, A's median-scored image against B's; ties count half. "
+              f"95% {settings.ci} interval over n = {settings.ci_n} (ci_n='images' reproduces the paper's ± values)."),
+             (f"Sampling: {sampling['steps']} steps, guidance {sampling['guidance']}, resolution "
+              f"{sampling['resolution'] or 'model default'}, {sampling['dtype']}, "
+              f"sampler {', '.join(sorted(set(samplers.values())))}.")]
     info = {"command": results["run"]["command"], "commit": results["run"]["commit"],
             "prompts": f"{prompts.name} ({len(prompts)})", "images per prompt": n, "seed": settings.seed,
             "steps": sampling["steps"], "guidance": sampling["guidance"],
@@ -478,7 +487,7 @@ def _commit() -> str:
 
     try:
         proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, timeout=5)
+                              capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return proc.stdout.strip() if proc.returncode == 0 else "unknown"

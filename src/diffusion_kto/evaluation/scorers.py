@@ -124,8 +124,8 @@ def require(module: str, package: str, scorer: str):
 
 def _download_help(scorer: str, what: str, err: BaseException, hint: str) -> ScorerError:
     """The error for weights that are neither on disk nor downloadable."""
-    return ScorerError(f"could not load the {scorer!r} weights {what!r}: {type(err).__name__}: {err}. "
-                       f"{hint}")
+    detail = " ".join(str(err).split()).rstrip(".")
+    return ScorerError(f"could not load the {scorer!r} weights {what!r}: {type(err).__name__}: {detail}. {hint}")
 
 
 def _batches(n: int, size: int):
@@ -259,7 +259,7 @@ def aesthetic_head(input_dim: int = 768):
     ``layers`` = Linear(d, 1024), Dropout(0.2), Linear(1024, 128), Dropout(0.2), Linear(128, 64), Dropout(0.1),
     Linear(64, 16), Linear(16, 1): no activations, so state-dict keys are layers.{0,2,4,6,7}.{weight,bias}.
     """
-    import torch.nn as nn
+    from torch import nn
 
     class AestheticHead(nn.Module):
         """MLP regressor from a normalised CLIP image embedding to a 1-10 aesthetic rating."""
@@ -398,8 +398,11 @@ def load_hpsv2(path_or_id: str | None = None, device: str = "cpu", *, arch: str 
     name = _open_clip_arch(open_clip, arch)
     # image_resize_mode='longest' + zero padding is the HPS v2 evaluation transform (it equals a plain resize
     # for the square images diffusion models produce)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu",
-                                                                 image_resize_mode="longest", output_dict=True)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None,
+                                                                     image_resize_mode="longest")
+    except TypeError:  # open_clip < 2.24 has no image_resize_mode; resize + centre crop is the same for squares
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:
