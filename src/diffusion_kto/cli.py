@@ -255,11 +255,54 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks of the training code")
+    bench = p.add_subparsers(dest="bench_command", required=True)
+    step = bench.add_parser(
+        "step",
+        help="median step time and peak memory of sft, kto (matched) and kto (mismatched), LoRA and full, as JSON",
+        description="Example: dkto bench step --threads 1 --repeats 3 --out benchmarks/results/step.json",
+    )
+    step.add_argument("--model", default="toy", help="hub id, local diffusers folder, or 'toy' (the shipped model)")
+    step.add_argument("--batch-size", type=int, default=4)
+    step.add_argument("--resolution", type=int, default=None, help="default: the VAE's sample_size")
+    step.add_argument("--adapters", default="lora,full", help="comma-separated: lora, full")
+    step.add_argument("--lora-rank", type=int, default=4)
+    step.add_argument("--steps", type=int, default=20, help="timed steps per run (after warm-up)")
+    step.add_argument("--warmup", type=int, default=3)
+    step.add_argument("--repeats", type=int, default=1, help="rounds over all modes (times pooled)")
+    step.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker")
+    step.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
+    step.add_argument("--out", default=None, help="also write the JSON here")
+    step.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every mode")
+    step.set_defaults(func=_run_bench_step)
+
+
+def _run_bench_step(args) -> int:
+    import json
+
+    from .bench import BenchSettings, bench_step
+
+    settings = BenchSettings(
+        model=args.model, batch_size=args.batch_size, resolution=args.resolution,
+        adapters=tuple(a.strip() for a in args.adapters.split(",") if a.strip()), lora_rank=args.lora_rank,
+        steps=args.steps, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+        mixed_precision=args.mixed_precision, overrides=tuple(args.overrides),
+    )
+    report = bench_step(settings, progress=lambda line: print(line, file=sys.stderr))
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `dkto` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="dkto", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_check_config, _add_sample, _add_demo, _add_toy, _add_convert, _add_eval):
+    for add in (_add_train, _add_check_config, _add_sample, _add_demo, _add_toy, _add_convert, _add_eval, _add_bench):
         add(sub)
     return parser
 

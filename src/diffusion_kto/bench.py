@@ -1,0 +1,313 @@
+"""`dkto bench step`: time and size one training step of SFT and Diffusion-KTO on the same model and batch.
+
+Every (adapter, loss) mode runs in fresh subprocesses, so that nothing carries over from one mode to the next. A
+worker builds the real :class:`~diffusion_kto.train.DiffusionKTOTrainer` on synthetic feedback, draws its batches
+from the trainer's own loader beforehand (image decoding is not timed), and runs ``warmup`` + ``steps`` steps of
+``train_step`` and the trainer's optimizer step. Times: the median over the timed steps of ``repeats`` rounds.
+
+Memory comes from one more worker per mode. On CUDA: ``torch.cuda.max_memory_allocated``. On CPU, its analogue:
+the weights of every module (policy, reference copy, VAE, text encoder) plus the rise of the resident set from
+"weights loaded" to its high-water mark over the training steps (the mark is reset through
+``/proc/self/clear_refs`` once the weights are loaded; where that is not possible, ``getrusage`` max RSS, which then
+includes loading). glibc is told to return freed blocks of 64 KiB and more to the system, so that the resident set
+follows the live tensors rather than the allocator's cache. ``train_mb`` is that rise alone: optimizer state,
+gradients, batches and activations.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import ConfigError
+
+# (name, loss overrides): the losses compared; ratios are taken to "sft"
+LOSSES = {
+    "sft": {"loss.name": "sft"},
+    "kto_matched": {"loss.name": "kto", "loss.reference_point": "matched"},
+    "kto_mismatched": {"loss.name": "kto", "loss.reference_point": "mismatched"},
+}
+# the targets the project holds itself to (time ratios to SFT; LoRA KTO peak memory relative to LoRA SFT)
+TARGETS = {"time.kto_matched": 1.38, "time.kto_mismatched": 2.05, "lora_peak_mem.kto": 1.05}
+
+
+@dataclass
+class BenchSettings:
+    """What to benchmark: model, batch, adapters, and how many steps."""
+
+    model: str = "toy"
+    batch_size: int = 4
+    resolution: int | None = None  # default: the VAE's sample_size (the model's native resolution)
+    adapters: tuple[str, ...] = ("lora", "full")
+    lora_rank: int = 4
+    steps: int = 20
+    warmup: int = 3
+    repeats: int = 1  # rounds over all modes; the reported time is the median over every timed step of every round
+    memory_steps: int = 3  # steps (after warm-up) of the separate memory run of each mode
+    threads: int | None = None  # torch CPU threads per worker (None: torch's default); 1 is steadier on a shared machine
+    mixed_precision: str = "no"
+    seed: int = 0
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _rss_mb() -> float:
+    """Current resident set size of this process in MiB (Linux /proc, else getrusage)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return _maxrss_mb()
+
+
+def _maxrss_mb() -> float:
+    """getrusage max RSS of this process in MiB (kB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the resident-set high-water mark to the current RSS (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def write_feedback(folder: Path, resolution: int, n: int = 16, seed: int = 0) -> Path:
+    """Random-noise RGB images with alternating like/dislike labels, as a feedback.jsonl the trainer reads."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    words = ["red", "green", "blue", "circle", "square", "triangle"]
+    lines = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        prompt = f"a {words[i % 3]} {words[3 + i % 3]}"
+        lines.append(json.dumps({"image": f"{i}.png", "prompt": prompt, "label": i % 2 == 0}))
+    path = folder / "feedback.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def native_resolution(pretrained: str) -> int:
+    """The VAE's sample_size of a local diffusers folder (512 when it cannot be read)."""
+    from .models import resolve_pretrained
+
+    config = Path(resolve_pretrained(pretrained)) / "vae" / "config.json"
+    try:
+        size = json.loads(config.read_text()).get("sample_size", 512)
+    except (OSError, ValueError):
+        return 512
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def mode_overrides(s: BenchSettings, adapter: str, loss: str, data: Path, out: Path, resolution: int) -> list[str]:
+    """Config overrides of one benchmark mode; everything but the adapter and the loss is shared."""
+    values = {
+        "model.pretrained": s.model, "data.path": str(data), "data.resolution": resolution,
+        "data.caption_dropout": 0.0, "data.random_flip": False, "train.output_dir": str(out),
+        "train.batch_size": s.batch_size, "train.max_steps": s.warmup + s.steps, "train.checkpoint_every": 0,
+        "train.mixed_precision": s.mixed_precision, "train.seed": s.seed, "optim.warmup_steps": 0,
+        "optim.lr": 1e-5, "lora.rank": s.lora_rank if adapter == "lora" else 0, **LOSSES[loss],
+    }
+    return [f"{k}={_yaml_scalar(v)}" for k, v in values.items()] + list(s.overrides)
+
+
+def _yaml_scalar(value) -> str:
+    """An override value that YAML reads back as itself (a bare `no` is false, a bare `1e-05` a string)."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, float):
+        return format(value, ".12f").rstrip("0")
+    return str(value)
+
+
+def run_worker(overrides: list[str], warmup: int, steps: int, threads: int | None = None) -> dict:
+    """In this (fresh) process: build the trainer, run warm-up and timed steps, return times and memory."""
+    import gc
+
+    import torch
+
+    from .config import load_config
+    from .train import DiffusionKTOTrainer
+
+    if threads:
+        torch.set_num_threads(threads)
+    trainer = DiffusionKTOTrainer(load_config(None, overrides))
+    acc, unet = trainer.accelerator, trainer.family.trainable_module()
+    cuda = acc.device.type == "cuda"
+    gc.collect()
+    loaded_mb = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb()
+    exact = True
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        exact = _reset_peak_rss()  # drop the transient peak of loading the weights
+    loader = iter(trainer._loader(0))
+    batches = [next(loader) for _ in range(warmup + steps)]
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        with acc.accumulate(unet):
+            trainer._optimizer_step(trainer.train_step(batch))
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else _maxrss_mb()
+    return {
+        "step_ms": [t * 1000 for t in times[warmup:]],
+        "peak_mb": peak_mb if cuda else weights_mb(trainer.family) + peak_mb - loaded_mb,
+        "train_mb": peak_mb - loaded_mb,
+        "weights_mb": weights_mb(trainer.family),
+        "peak_rss_reset": exact,
+        "device": str(acc.device),
+        "threads": torch.get_num_threads(),
+        "trainable_params": sum(p.numel() for p in trainer.family.trainable_parameters()),
+        "skipped_steps": trainer.skipped,
+    }
+
+
+def weights_mb(family) -> float:
+    """MiB of every distinct parameter and buffer held by the family's modules (policy, reference, VAE, text)."""
+    from torch import nn
+
+    seen: dict[int, int] = {}
+    for module in vars(family).values():
+        if isinstance(module, nn.Module):
+            for t in [*module.parameters(), *module.buffers()]:
+                seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values()) / 2**20
+
+
+def _spawn(overrides: list[str], warmup: int, steps: int, threads: int | None, memory: bool) -> dict:
+    """Run :func:`run_worker` in a fresh interpreter and return its JSON result.
+
+    A memory run makes glibc malloc hand every block of 64 KiB or more straight back to the system when freed, so
+    that the resident set follows the live tensors instead of the allocator's cache (this slows the steps, which
+    is why times come from separate runs)."""
+    spec = json.dumps({"overrides": overrides, "warmup": warmup, "steps": steps, "threads": threads})
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    if memory:
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_ARENA_MAX="1")
+    proc = subprocess.run([sys.executable, "-m", "diffusion_kto.bench", spec], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed ({' '.join(overrides)}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _summary(timed: list[dict], memory: dict) -> dict:
+    """Median and quartiles of the pooled step times of the timing runs; memory from the memory run."""
+    times = sorted(t for r in timed for t in r["step_ms"])
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {
+        "step_ms_median": round(statistics.median(times), 3),
+        "step_ms_q1": round(q[0], 3),
+        "step_ms_q3": round(q[2], 3),
+        "timed_steps": len(times),
+        "peak_mb": round(memory["peak_mb"], 1),
+        "train_mb": round(memory["train_mb"], 1),
+        "weights_mb": round(memory["weights_mb"], 1),
+        "peak_rss_reset": memory["peak_rss_reset"],
+        "trainable_params": memory["trainable_params"],
+        "skipped_steps": sum(r["skipped_steps"] for r in timed),
+    }
+
+
+def ratios(results: dict) -> dict:
+    """Time and memory ratios of every loss to SFT, per adapter."""
+    out: dict = {}
+    for adapter, modes in results.items():
+        sft = modes["sft"]
+        out[adapter] = {
+            loss: {
+                "time": round(m["step_ms_median"] / sft["step_ms_median"], 3),
+                "peak_mem": round(m["peak_mb"] / sft["peak_mb"], 3),
+                "train_mem": round(m["train_mb"] / sft["train_mb"], 3) if sft["train_mb"] > 0 else None,
+            }
+            for loss, m in modes.items() if loss != "sft"
+        }
+    return out
+
+
+def check_targets(rat: dict) -> dict:
+    """Each target with the measured ratio and whether it is met (per adapter for the time targets)."""
+    checks = {}
+    for adapter, modes in rat.items():
+        for loss in ("kto_matched", "kto_mismatched"):
+            if loss in modes:
+                value, limit = modes[loss]["time"], TARGETS[f"time.{loss}"]
+                checks[f"{adapter}.time.{loss}"] = {"ratio": value, "limit": limit, "met": value <= limit}
+    for loss, m in rat.get("lora", {}).items():
+        value, limit = m["peak_mem"], TARGETS["lora_peak_mem.kto"]
+        checks[f"lora.peak_mem.{loss}"] = {"ratio": value, "limit": limit, "met": value <= limit}
+    return checks
+
+
+def bench_step(s: BenchSettings, progress=None) -> dict:
+    """Benchmark every (adapter, loss) mode in fresh subprocesses; returns the JSON-ready report."""
+    import torch
+
+    from .models import resolve_pretrained
+
+    if s.steps < 1 or s.warmup < 0 or s.repeats < 1 or s.memory_steps < 1:
+        raise ConfigError("bench step needs steps >= 1, warmup >= 0, repeats >= 1 and memory_steps >= 1")
+    if not s.adapters or set(s.adapters) - {"lora", "full"}:
+        raise ConfigError(f"bench step: adapters must be lora and/or full, got {', '.join(s.adapters) or 'none'}")
+    if s.model == "toy" and not (Path(resolve_pretrained(s.model)) / "model_index.json").is_file():
+        raise ConfigError("the shipped toy model is missing (src/diffusion_kto/toy/weights); "
+                          "pass --model PATH to a diffusers folder, or run `dkto toy pretrain` first")
+    resolution = s.resolution or native_resolution(s.model)
+    modes = [(adapter, loss) for adapter in s.adapters for loss in LOSSES]
+    timed: dict[tuple[str, str], list[dict]] = {m: [] for m in modes}
+    memory: dict[tuple[str, str], dict] = {}
+    with tempfile.TemporaryDirectory(prefix="dkto-bench-") as tmp:
+        data = write_feedback(Path(tmp) / "data", resolution, seed=s.seed)
+
+        def run(adapter: str, loss: str, tag: str, steps: int, is_memory: bool) -> dict:
+            """One worker subprocess of one mode."""
+            if progress:
+                progress(f"{tag}: {adapter} {loss}")
+            args = mode_overrides(s, adapter, loss, data, Path(tmp) / f"{tag}-{adapter}-{loss}", resolution)
+            return _spawn(args, s.warmup, steps, s.threads, is_memory)
+
+        for r in range(s.repeats):  # rounds over all modes, so that a slow spell of the machine hits every mode
+            for adapter, loss in modes:
+                timed[(adapter, loss)].append(run(adapter, loss, f"time{r + 1}", s.steps, False))
+        for adapter, loss in modes:
+            memory[(adapter, loss)] = run(adapter, loss, "memory", s.memory_steps, True)
+    results = {a: {loss: _summary(timed[(a, loss)], memory[(a, loss)]) for loss in LOSSES} for a in s.adapters}
+    rat = ratios(results)
+    first = memory[modes[0]]
+    return {
+        "settings": {**asdict(s), "resolution": resolution},
+        "machine": {"device": first["device"], "torch": torch.__version__, "threads": first["threads"],
+                    "cpu_count": os.cpu_count()},
+        "results": results,
+        "ratios_to_sft": rat,
+        "targets": check_targets(rat),
+    }
+
+
+def main(argv: list[str]) -> int:
+    """Worker entry point: ``python -m diffusion_kto.bench '<json spec>'`` prints one JSON line."""
+    spec = json.loads(argv[0])
+    print(json.dumps(run_worker(spec["overrides"], spec["warmup"], spec["steps"], spec.get("threads"))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
