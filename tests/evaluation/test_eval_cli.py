@@ -161,3 +161,12 @@ def test_bad_inputs_exit_2_before_any_work(tmp_path, capsys):
     code = main(["eval", "--models", "a=toy", "--metrics", "nope", "--out", str(tmp_path / "o")])
     assert code == 2 and "unknown metric 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_category_means_follow_the_prompt_categories():
+    from diffusion_kto.evaluation.prompts import PromptSet
+
+    ps = PromptSet("p", ["a", "b", "c"], "test", ["photo", "anime", "photo"])
+    scores = {"m": {"s": np.array([[1.0, 3.0], [10.0, 10.0], [5.0, 7.0]])}}
+    assert eval_run.category_means(ps, scores) == {"m · photo": {"s": 4.0}, "m · anime": {"s": 10.0}}
+    assert eval_run.category_means(PromptSet("p", ["a"], "test"), {"m": {"s": np.ones((1, 2))}}) == {}

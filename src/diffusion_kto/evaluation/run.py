@@ -402,7 +402,7 @@ def thumbnail(image: Image.Image, side: int = 192) -> Image.Image:
 def build_grids(settings: EvalSettings, prompts: list[str], seeds: np.ndarray, out: Path) -> dict:
     """Two grids: the first prompts at their first seed, and every seed of the first prompt; models as rows."""
     names = [m.name for m in settings.models]
-    k = min(settings.grid_prompts, len(prompts))
+    k = max(1, min(settings.grid_prompts, len(prompts)))
 
     def load(name: str, i: int, seed) -> Image.Image:
         """One stored image, shrunk for the grid."""
@@ -418,6 +418,15 @@ def build_grids(settings: EvalSettings, prompts: list[str], seeds: np.ndarray, o
         f"all {seeds.shape[1]} seeds of prompt 0: {prompts[0]}": report_lib.image_grid(
             per_seed, [f"seed {s}" for s in seeds[0]], scale=scale),
     }
+
+
+def category_means(prompts: PromptSet, scores: dict) -> dict:
+    """{'model · category': {metric: mean}} when the prompt set has categories (the paper's Table 6 layout)."""
+    if not prompts.categories:
+        return {}
+    cats = np.asarray([c if c is not None else "(none)" for c in prompts.categories], dtype=object)
+    return {f"{model} · {cat}": {label: float(arr[cats == cat].mean()) for label, arr in per.items()}
+            for model, per in scores.items() for cat in dict.fromkeys(cats)}
 
 
 def comparisons(settings: EvalSettings, scores: dict, metrics: list[Metric]) -> list:
@@ -459,6 +468,8 @@ def write_eval_report(settings: EvalSettings, prompts: PromptSet, seeds: np.ndar
         "timings_s": settings.timings,
         "run": {"command": " ".join(["dkto", *sys.argv[1:]]) if sys.argv else "dkto eval", "commit": _commit()},
     }
+    by_cat = category_means(prompts, scores)
+    results["category_means"] = by_cat
     notes = [(f"{len(prompts)} prompts from {prompts.source}; {n} images per prompt per model with the same "
               "seeds for every model (paired)."),
              ("Win rate of A over B: per prompt, A's median-scored image against B's; ties count half. "
@@ -474,6 +485,7 @@ def write_eval_report(settings: EvalSettings, prompts: PromptSet, seeds: np.ndar
             "wall time (s)": settings.timings}
     report_lib.write_report(out, title="dkto eval: " + " vs ".join(m.name for m in settings.models),
                             run_info=info, winrates=comps, means=means,
+                            extra_tables={"Mean score by prompt category": by_cat} if by_cat else None,
                             grids=build_grids(settings, prompts.prompts, seeds, out), scores=scores,
                             results=results, notes=notes)
     results["_tables"] = {"winrates": winrate.winrate_table(comps).to_markdown() if comps else "",
