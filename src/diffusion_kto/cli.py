@@ -276,6 +276,38 @@ def _add_bench(sub) -> None:
     step.add_argument("--out", default=None, help="also write the JSON here")
     step.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every mode")
     step.set_defaults(func=_run_bench_step)
+    align = bench.add_parser(
+        "align",
+        help="KTO vs SFT, CSFT, DPO and other utilities on the shapes world (the paper's Table 1 in miniature)",
+        description="Example: dkto bench align --quick --out runs/bench-align",
+    )
+    align.add_argument("--out", default="runs/bench-align", help="work folder (reused: finished runs are kept)")
+    align.add_argument("--quick", action="store_true", help="1 seed, 1 trial, 150 steps: about 15 minutes on 2 cores")
+    align.add_argument("--seeds", type=int, default=3)
+    align.add_argument("--budget", type=int, default=1024, help="feedback images, shared by every method")
+    align.set_defaults(func=_run_bench_align)
+    utility = bench.add_parser("utility2d", help="the paper's 2-D utility-function experiment (§6, Fig. 6)")
+    utility.add_argument("--out", default="runs/utility2d")
+    utility.add_argument("--seed", type=int, default=0)
+    utility.set_defaults(func=_run_bench_utility2d)
+
+
+def _run_bench_align(args) -> int:
+    from .toy.bench_align import AlignSettings, run_bench_align
+
+    run_bench_align(AlignSettings(out=Path(args.out), quick=args.quick, seeds=args.seeds, budget=args.budget))
+    print(f"wrote {Path(args.out) / 'align.md'} and {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def _run_bench_utility2d(args) -> int:
+    import json
+
+    from .toy.points2d import Recipe2D, run
+
+    results = run(args.out, Recipe2D(seed=args.seed))
+    print(json.dumps({k: v for k, v in results.items() if not k.startswith("_recipe")}, indent=1))
+    return 0
 
 
 def _run_bench_step(args) -> int:

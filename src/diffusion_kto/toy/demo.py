@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -76,8 +76,12 @@ def collect_feedback(pipe, judge, settings: DemoSettings, folder: Path) -> dict[
             "mean_score": float(scores.mean())}
 
 
-def eval_images(pipe, settings: DemoSettings) -> tuple[list, list[str], np.ndarray]:
-    """Images for every (held-out prompt, seed group, image) with seeds disjoint from the feedback seeds."""
+def eval_images(pipe, settings: DemoSettings, condition: Callable[[str], str] | None = None
+                ) -> tuple[list, list[str], np.ndarray]:
+    """Images for every (held-out prompt, seed group, image) with seeds disjoint from the feedback seeds.
+
+    ``condition`` rewrites the prompt the model sees (e.g. CSFT's "good image, " prefix); the returned prompts
+    are the plain ones, for judging."""
     n, groups = settings.images_per_prompt, settings.groups_per_prompt
     prompts, seeds = [], []
     for p_idx, prompt in enumerate(world.eval_prompts()):
@@ -85,7 +89,8 @@ def eval_images(pipe, settings: DemoSettings) -> tuple[list, list[str], np.ndarr
             for k in range(n):
                 prompts.append(prompt)
                 seeds.append(10_000_000 + settings.seed * 100_000 + (p_idx * groups + g) * n + k)
-    images = generate(pipe, prompts, seeds, batch_size=64, progress=True, **SAMPLING)
+    shown = [condition(p) for p in prompts] if condition else prompts
+    images = generate(pipe, shown, seeds, batch_size=64, progress=True, **SAMPLING)
     return images, prompts, np.asarray(seeds)
 
 

@@ -1,0 +1,171 @@
+"""`dkto bench align`: the paper's comparison (Table 1, §6) reproduced in miniature on the shapes world.
+
+One feedback budget (the same judged images for every method; DPO gets the pairs that can be formed from
+them) -> Diffusion-KTO, SFT, CSFT, Diffusion-DPO and KTO with each utility, plus ablations (gamma 0.5, matched
+reference point) -> the same tuning budget for every method (the same learning-rate grid, chosen on
+training prompts with fresh seeds) -> several training seeds -> the paper's median-of-N win rates of KTO over
+each method on held-out prompts and seeds, under three judges, with prompt fidelity and diversity as guards
+against reward hacking."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import load_config
+from ..evaluation import report as report_lib
+from ..evaluation import winrate
+from ..sampling import generate, load_pipeline
+from ..train import DiffusionKTOTrainer
+from . import judges, world
+from .demo import CONFIG, SAMPLING, DemoSettings, collect_feedback, commit, diversity, eval_images, machine
+
+# name -> config overrides on top of configs/toy-kto.yaml (documented in benchmarks/results/align.md)
+METHODS: dict[str, tuple[str, ...]] = {
+    "kto": (),
+    "sft": ("loss.name=sft",),
+    "csft": ("loss.name=csft",),
+    "dpo": ("loss.name=dpo",),
+    "kto-loss_averse": ("loss.utility=loss_averse",),
+    "kto-risk_seeking": ("loss.utility=risk_seeking",),
+    "kto-gamma0.5": ("data.desirable_ratio=0.5",),
+    "kto-matched": ("loss.reference_point=matched",),
+}
+LR_GRID = (1e-5, 2e-5, 4e-5)  # every method gets exactly these trials
+METRICS = {"preference": judges.preference, "fidelity": judges.fidelity, "aesthetic": judges.aesthetic}
+
+
+@dataclass
+class AlignSettings:
+    """Knobs of the benchmark; ``quick`` trades seeds, trials and steps for a run of about 15 minutes."""
+
+    out: Path = Path("runs/bench-align")
+    quick: bool = False
+    seeds: int = 3
+    budget: int = 1024
+    steps: int | None = None  # training steps; None = the config's
+    groups_per_prompt: int = 8
+    lr_grid: tuple[float, ...] = LR_GRID
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.quick:
+            self.seeds, self.lr_grid, self.budget = 1, (2e-5,), min(self.budget, 512)
+            self.steps, self.groups_per_prompt = self.steps or 150, 4
+
+
+def _train(settings: AlignSettings, feedback: Path, method: str, lr: float, seed: int) -> Path:
+    """Train one method with one learning rate and seed; returns its output folder."""
+    out = settings.out / "models" / f"{method}-lr{lr:g}-seed{seed}"
+    if (out / "train_done.json").is_file():  # reuse a finished run when the benchmark is restarted
+        return out
+    steps = (f"train.max_steps={settings.steps}",) if settings.steps else ()
+    cfg = load_config(CONFIG, [f"data.path={feedback}", f"train.output_dir={out}", f"train.seed={seed}",
+                               f"optim.lr={lr}", "train.overwrite=true", *steps, *METHODS[method]])
+    result = DiffusionKTOTrainer(cfg).train()
+    (out / "train_done.json").write_text(json.dumps({"seconds": result.seconds, "steps": result.steps}))
+    return out
+
+
+def _pipeline(model_dir: Path | None):
+    """The base model, or the base with a trained UNet."""
+    return load_pipeline("toy", device="cpu", **({"unet": str(model_dir)} if model_dir else {}))
+
+
+def _prompt_for(method: str, prompt: str) -> str:
+    """CSFT models are sampled with the "good image" prefix they were trained with."""
+    from ..data.baselines import csft_prompt
+
+    return csft_prompt(prompt) if method == "csft" else prompt
+
+
+def _validation_score(method: str, model_dir: Path, seed: int) -> float:
+    """Mean preference score on the training prompts with seeds never used for feedback (tuning signal)."""
+    prompts = world.train_prompts()
+    seeds = [50_000_000 + seed * 1000 + i for i in range(len(prompts))]
+    images = generate(_pipeline(model_dir), [_prompt_for(method, p) for p in prompts], seeds, batch_size=64, **SAMPLING)
+    return float(np.mean(judges.preference(images, prompts)))
+
+
+def _evaluate(method: str, model_dir: Path | None, demo: DemoSettings) -> dict:
+    """Scores (n_comparisons, N) under every metric, plus diversity, on held-out prompts and seeds."""
+    condition = (lambda p: _prompt_for(method, p)) if method == "csft" else None
+    images, prompts, _ = eval_images(_pipeline(model_dir), demo, condition)
+    n = demo.images_per_prompt
+    scores = {name: np.asarray(fn(images, prompts), float).reshape(-1, n) for name, fn in METRICS.items()}
+    return {"scores": scores, "diversity": diversity(images, n), "images": images[:: n * demo.groups_per_prompt]}
+
+
+def run_bench_align(settings: AlignSettings) -> dict:
+    """The whole benchmark; writes results.json, report.html and ``align.md`` into ``settings.out``."""
+    out = settings.out
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    demo = DemoSettings(out=out, budget=settings.budget, groups_per_prompt=settings.groups_per_prompt)
+    feedback = out / "feedback" / "feedback.jsonl"
+    if not feedback.is_file():
+        t = time.perf_counter()
+        stats = collect_feedback(_pipeline(None), judges.preference, demo, out / "feedback")
+        settings.timings["feedback"] = round(time.perf_counter() - t, 1)
+        (out / "feedback" / "stats.json").write_text(json.dumps(stats))
+    stats = json.loads((out / "feedback" / "stats.json").read_text())
+
+    t = time.perf_counter()
+    chosen_lr, tuning = {}, {}
+    for method in METHODS:  # the same trials for every method
+        trials = {lr: _validation_score(method, _train(settings, feedback, method, lr, 0), 0) for lr in settings.lr_grid}
+        tuning[method] = {f"{lr:g}": round(s, 4) for lr, s in trials.items()}
+        chosen_lr[method] = max(trials, key=trials.get)
+        print(f"[bench align] {method}: validation {tuning[method]} -> lr {chosen_lr[method]:g}", flush=True)
+    settings.timings["tune"] = round(time.perf_counter() - t, 1)
+
+    t = time.perf_counter()
+    results = {"base": _merge([_evaluate("base", None, demo)] * settings.seeds)}  # base does not depend on seed
+    for method in METHODS:
+        runs = [_evaluate(method, _train(settings, feedback, method, chosen_lr[method], s), demo)
+                for s in range(settings.seeds)]
+        results[method] = _merge(runs)
+    settings.timings["train+evaluate"] = round(time.perf_counter() - t, 1)
+    summary = write_align_report(settings, stats, tuning, chosen_lr, results, time.perf_counter() - start)
+    return summary
+
+
+def _merge(runs: list[dict]) -> dict:
+    """Stack the comparisons of several seeds (rows) and average their diversity."""
+    return {"scores": {m: np.concatenate([r["scores"][m] for r in runs]) for m in METRICS},
+            "diversity": float(np.mean([r["diversity"] for r in runs])), "images": runs[0]["images"]}
+
+
+def write_align_report(settings, stats, tuning, chosen_lr, results, seconds) -> dict:
+    """Table 1 (KTO vs each), mean scores, guards, and the markdown results file."""
+    scores = {m: r["scores"] for m, r in results.items()}
+    comps = winrate.compare(scores, focus="kto")
+    means = winrate.mean_scores(scores)
+    base_div = results["base"]["diversity"]
+    guards = {m: {"prompt fidelity": f"{means[m]['fidelity'].mean:.3f}",
+                  "diversity": f"{r['diversity']:.4f}", "diversity vs base": f"{r['diversity'] / base_div:.0%}"}
+              for m, r in results.items()}
+    grid = report_lib.image_grid({m: r["images"][:9] for m, r in results.items()},
+                                 col_labels=world.eval_prompts()[:9])
+    run = {"command": "dkto bench align" + (" --quick" if settings.quick else ""), "commit": commit(),
+           "machine": machine(), "wall time (s)": round(seconds, 1), "stages (s)": settings.timings}
+    summary = {"run": run, "feedback": stats, "tuning": tuning, "chosen_lr": {k: f"{v:g}" for k, v in chosen_lr.items()},
+               "seeds": settings.seeds, "comparisons_per_pair": int(next(iter(scores["kto"].values())).shape[0]),
+               **winrate.summary(comps, means), "guards": guards}
+    report_lib.write_report(settings.out, title="dkto bench align: Diffusion-KTO vs baselines on the shapes world",
+                            run_info=run, winrates=comps, means=means, extra_tables={"Guards": guards},
+                            grids={"methods (seed 0, held-out prompts)": grid}, results=summary)
+    table = winrate.winrate_table(comps).to_markdown()
+    (settings.out / "align.md").write_text(
+        f"# Alignment benchmark (shapes world)\n\n"
+        f"- command: `{run['command']}`\n- commit: `{run['commit']}`\n- machine: {run['machine']}\n"
+        f"- wall time: {seconds / 60:.1f} min; seeds: {settings.seeds}; lr grid: {list(settings.lr_grid)}; "
+        f"feedback: {stats['images']} images, {stats['liked_share']:.0%} liked\n\n"
+        f"## Win rate of KTO over each method (median of {5}, ties half, 95% CI)\n\n{table}\n\n"
+        f"## Mean scores\n\n{winrate.means_table(means).to_markdown()}\n\n"
+        f"## Guards\n\n{report_lib.as_table('guards', guards).to_markdown()}\n\n"
+        f"## Tuning (validation preference score per lr; seed 0)\n\n```\n{json.dumps(tuning, indent=1)}\n```\n")
+    return summary
