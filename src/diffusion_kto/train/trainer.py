@@ -191,9 +191,9 @@ class DiffusionKTOTrainer:
         noise = diffusion.per_sample_randn(tuple(x0.shape[1:]), seed, draws, _STREAM_NOISE)  # (B, C, h, w)
         t = diffusion.per_sample_timesteps(fam.num_train_timesteps, seed, draws, _STREAM_TIMESTEP).to(x0.device)
         x_t, tgt = fam.noisy(x0, noise, t)
-        out = {"policy_err": diffusion.per_sample_error(fam.predict(x_t, t, cond), tgt)}
         if self.cfg.loss.name not in _LOSSES_NEEDING_REFERENCE:
-            return out
+            return {"policy_err": diffusion.per_sample_error(fam.predict(x_t, t, cond), tgt)}
+        out: dict[str, torch.Tensor] = {}
         mode = self.cfg.loss.reference_point if self.cfg.loss.name == "kto" else "matched"
         if mode == "mismatched":  # prompts rolled by one within the batch: unrelated (image, prompt) pairs
             cond_mis = cond.roll(1, dims=0)
@@ -205,6 +205,8 @@ class DiffusionKTOTrainer:
         else:
             ref_match = fam.predict(x_t, t, cond, reference=True)
         out["ref_err"] = diffusion.per_sample_error(ref_match, tgt)
+        # the grad pass last: the no-grad passes above never coexist with its saved activations (peak memory)
+        out["policy_err"] = diffusion.per_sample_error(fam.predict(x_t, t, cond), tgt)
         return out
 
     def _reference_point(self, errs: dict[str, torch.Tensor]) -> torch.Tensor:
