@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..provenance import commit, machine
 from . import report as report_lib
 from . import winrate
 from .prompts import PromptSet, load_prompts
@@ -466,7 +467,7 @@ def write_eval_report(settings: EvalSettings, prompts: PromptSet, seeds: np.ndar
         **winrate.summary(comps, means),
         "scores": {name: {label: arr.tolist() for label, arr in per.items()} for name, per in scores.items()},
         "timings_s": settings.timings,
-        "run": {"command": " ".join(["dkto", *sys.argv[1:]]) if sys.argv else "dkto eval", "commit": _commit()},
+        "run": {"command": " ".join(["dkto", *sys.argv[1:]]) if sys.argv else "dkto eval", "commit": commit(), "machine": machine()},
     }
     by_cat = category_means(prompts, scores)
     results["category_means"] = by_cat
@@ -491,18 +492,6 @@ def write_eval_report(settings: EvalSettings, prompts: PromptSet, seeds: np.ndar
     results["_tables"] = {"winrates": winrate.winrate_table(comps).to_markdown() if comps else "",
                           "means": winrate.means_table(means).to_markdown()}
     return results
-
-
-def _commit() -> str:
-    """The short git commit of the source tree when it is a checkout, else 'unknown'."""
-    import subprocess
-
-    try:
-        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 
 
 # ---------------------------------------------------------------- the run

@@ -21,7 +21,8 @@ from ..evaluation import winrate
 from ..sampling import generate, load_pipeline
 from ..train import DiffusionKTOTrainer
 from . import judges, world
-from .demo import CONFIG, SAMPLING, DemoSettings, collect_feedback, commit, diversity, eval_images, machine
+from ..provenance import commit, machine
+from .demo import CONFIG, SAMPLING, DemoSettings, collect_feedback, diversity, eval_images
 
 # name -> config overrides on top of configs/toy-kto.yaml (documented in benchmarks/results/align.md)
 METHODS: dict[str, tuple[str, ...]] = {

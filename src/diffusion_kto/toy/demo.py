@@ -7,9 +7,6 @@ seeds with the paper's protocol (N images per prompt, median-scored image compar
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -18,11 +15,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from ..config import load_config
 from ..evaluation import report as report_lib
 from ..evaluation import winrate
+from ..provenance import commit, machine
 from ..sampling import generate, load_pipeline
 from ..train import DiffusionKTOTrainer
 from . import judges, world
@@ -101,23 +98,6 @@ def diversity(images: Sequence, n: int) -> float:
     d = np.sqrt(((x[:, :, None, :] - x[:, None, :, :]) ** 2).mean(-1))  # (groups, n, n)
     iu = np.triu_indices(n, k=1)
     return float(d[:, iu[0], iu[1]].mean())
-
-
-def machine() -> str:
-    """A one-line description of this machine."""
-    return f"{platform.machine()} {os.cpu_count()}-core CPU, {platform.system()}, torch {torch.__version__}"
-
-
-def commit() -> str:
-    """The git commit of the installed source, when it is a checkout."""
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def run_demo(settings: DemoSettings) -> dict:
