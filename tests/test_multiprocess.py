@@ -17,7 +17,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from tiny import tiny_overrides
 from diffusion_kto.config import load_config
 from diffusion_kto.train import DiffusionKTOTrainer
 from diffusion_kto.train import launch
