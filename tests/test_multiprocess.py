@@ -143,3 +143,11 @@ def test_shipped_accelerate_configs_load():
     kinds = {p.stem: str(load_config_from_file(str(p)).distributed_type) for p in folder.glob("*.yaml")}
     assert {k: v.rsplit(".", 1)[-1] for k, v in kinds.items()} == {
         "multi-gpu-ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed-zero2": "DEEPSPEED"}
+
+
+def test_processes_without_cuda_join_one_cpu_group(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    launch.join_cpu_group_without_cuda()
+    assert os.environ["ACCELERATE_USE_CPU"] == "1"

@@ -100,6 +100,15 @@ def launch_args(cmdline: list[str]) -> tuple[int | None, int]:
     return n, machines or 1
 
 
+def join_cpu_group_without_cuda() -> None:
+    """Inside a multi-process launch on a machine without CUDA (``accelerate launch --multi_gpu``, torchrun), set
+    ``ACCELERATE_USE_CPU=1``: otherwise accelerate runs every process as an independent single-process job."""
+    import torch
+
+    if in_distributed_process() and "ACCELERATE_USE_CPU" not in os.environ and not torch.cuda.is_available():
+        os.environ["ACCELERATE_USE_CPU"] = "1"
+
+
 def maybe_launch(num_processes: int | None, train_args: list[str]) -> int | None:
     """Start the multi-process run asked for (``--num-processes`` or a lone ``accelerate launch --cpu`` process) and
     return its exit code; None when this process should train by itself."""
@@ -109,6 +118,7 @@ def maybe_launch(num_processes: int | None, train_args: list[str]) -> int | None
         return launch(num_processes, train_args)
     lone = lone_cpu_processes()
     if lone is None:
+        join_cpu_group_without_cuda()
         return None
     print(
         f"dkto train: accelerate launch --cpu started one process for --num_processes {lone} (multi-CPU launching "
