@@ -71,3 +71,14 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(CONFIG_DIR / "sd15-kto-full.yaml", ["loss.utility=loss_averse"])
     save_config(cfg, tmp_path / "c.yaml")
     assert to_dict(load_config(tmp_path / "c.yaml")) == to_dict(cfg)
+
+
+def test_yaml_1_1_quirks_are_read_as_meant(tmp_path):
+    """1e-5 (no dot) is a string in YAML 1.1 and `no` a boolean; both mean what the user wrote."""
+    cfg = load_config(None, ["optim.lr=1e-5", "train.mixed_precision=no"])
+    assert cfg.optim.lr == 1e-5 and cfg.train.mixed_precision == "no"
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 3e-6\ntrain:\n  mixed_precision: no\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.optim.lr == 3e-6 and cfg.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(None, ["optim.lr=fast"])

@@ -159,3 +159,13 @@ def test_baselines_train(tiny_sd, tmp_path, name):
     lora = {n: p.detach().clone() for n, p in trainer.family.unet.named_parameters() if p.requires_grad}
     assert trainer.train().steps == 3
     assert all(not torch.equal(lora[n], p) for n, p in trainer.family.unet.named_parameters() if p.requires_grad)
+
+
+def test_full_sft_keeps_no_reference_copy(tiny_sd, feedback, tmp_path):
+    cfg = load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "run", **{
+        "loss.name": "sft", "train.max_steps": 1, "log.validation_every": 1, "log.validation_prompts": "[a red circle]",
+        "log.validation_steps": 1}))
+    trainer = DiffusionKTOTrainer(cfg)
+    assert trainer.family.ref_unet is None and not trainer.family.has_reference
+    assert trainer.train().steps == 1
+    assert (tmp_path / "run" / "validation" / "step-00000001.png").is_file()

@@ -100,6 +100,8 @@ def _run_train(args) -> int:
         return code
     cfg = load_config(args.config, args.overrides)
     result = DiffusionKTOTrainer(cfg).train()
+    if not result.main_process:
+        return 0
     print(f"trained {result.steps} steps in {result.seconds:.1f}s ({result.images_per_second:.2f} images/s)")
     for path in result.exported:
         print(f"exported {path}")

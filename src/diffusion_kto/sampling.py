@@ -49,12 +49,14 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int =
 
 def generate_pair_grid(family, prompts: Sequence[str], *, seed: int, steps: int, guidance: float,
                        resolution: int) -> Image.Image:
-    """Reference (top row) and policy (bottom row) images for the same prompts and seeds."""
+    """Reference (top row, when the family has one) and policy (bottom row) images for the same prompts and seeds."""
     from .evaluation.report import image_grid
 
     seeds = [seed + i for i in range(len(prompts))]
     rows = {}
     for name, reference in (("reference", True), ("policy", False)):
+        if reference and not family.has_reference:
+            continue
         with family.pipeline(reference=reference) as pipe:
             rows[name] = generate(pipe, prompts, seeds, steps=steps, guidance=guidance, resolution=resolution)
     return image_grid(rows, col_labels=list(prompts))

@@ -32,7 +32,8 @@ def _family_of(pretrained: str) -> type:
     return StableDiffusion
 
 
-def load_family(cfg, *, weight_dtype: torch.dtype, device: torch.device | str) -> DiffusionFamily:
+def load_family(cfg, *, weight_dtype: torch.dtype, device: torch.device | str,
+                with_reference: bool = True) -> DiffusionFamily:
     """Build the model family described by a :class:`~diffusion_kto.config.Config`."""
     pretrained = resolve_pretrained(cfg.model.pretrained)
     family = _family_of(pretrained)
@@ -47,4 +48,5 @@ def load_family(cfg, *, weight_dtype: torch.dtype, device: torch.device | str) -
         weight_dtype=weight_dtype,
         device=device,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
+        with_reference=with_reference,
     )

@@ -15,6 +15,7 @@ class DiffusionFamily(Protocol):
 
     device: torch.device
     num_train_timesteps: int
+    has_reference: bool  # False for objectives that need none (sft, csft with a full fine-tune)
 
     def trainable_module(self) -> nn.Module:
         """The module whose parameters are optimised (the UNet, possibly wrapped)."""

@@ -50,6 +50,7 @@ class StableDiffusion:
         weight_dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         gradient_checkpointing: bool = False,
+        with_reference: bool = True,
     ):
         self.pretrained = pretrained
         self.device = torch.device(device)
@@ -64,8 +65,9 @@ class StableDiffusion:
         if lora_rank > 0:
             self._add_lora(lora_rank, lora_alpha, lora_dropout, lora_target_modules)
             self.ref_unet = None  # the reference is self.unet with adapters disabled
-        else:
-            self.ref_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(self.device, dtype=weight_dtype)
+        else:  # objectives without a reference (sft, csft) keep no frozen copy
+            self.ref_unet = (copy.deepcopy(unet).requires_grad_(False).eval().to(self.device, dtype=weight_dtype)
+                             if with_reference else None)
             self.unet.requires_grad_(True)
             self.unet.to(self.device, dtype=torch.float32)
         self.unet.train()
@@ -96,6 +98,11 @@ class StableDiffusion:
         for p in self.unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether reference predictions are available (LoRA, or a full fine-tune loaded with its frozen copy)."""
+        return self.lora_rank > 0 or self.ref_unet is not None
 
     def trainable_module(self) -> nn.Module:
         """The UNet (possibly wrapped by the trainer)."""
@@ -152,6 +159,8 @@ class StableDiffusion:
         if self.ref_unet is not None:
             yield self.ref_unet
             return
+        if self.lora_rank == 0:
+            raise RuntimeError("this model was loaded without a reference (with_reference=False)")
         inner = unwrap(self.unet)
         inner.disable_adapters()
         try:

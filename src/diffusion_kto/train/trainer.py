@@ -52,6 +52,7 @@ class TrainResult:
     seconds: float
     images_per_second: float
     skipped_steps: int
+    main_process: bool = True
 
 
 def check_output_dir(cfg: Config) -> None:
@@ -108,7 +109,8 @@ class DiffusionKTOTrainer:
         _require_data_parallel(self.accelerator)
         self.weight_dtype = _DTYPES[cfg.train.mixed_precision]
         set_seed(cfg.train.seed)  # LoRA initialisation draws from the global RNGs
-        self.family = family or load_family(cfg, weight_dtype=self.weight_dtype, device=self.accelerator.device)
+        self.family = family or load_family(cfg, weight_dtype=self.weight_dtype, device=self.accelerator.device,
+                                            with_reference=cfg.loss.name in _LOSSES_NEEDING_REFERENCE)
         self.optimizer = self._setup_optimizer()
         self.lr_scheduler = self._setup_lr_scheduler()
         self.family.wrap(self.accelerator.prepare)
@@ -256,7 +258,8 @@ class DiffusionKTOTrainer:
             beta=cfg.beta, utility=cfg.utility,
             desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
         )
-        return out.losses, _kto_metrics(out, desirable, kl, errs)
+        gather = self.accelerator.gather  # diagnostics over the global batch (a local slice may lack a class)
+        return out.losses, _kto_metrics(gather(out.rewards), gather(desirable), kl, out.accuracy, errs)
 
     # ---------------------------------------------------------------------------------------- the loop
 
@@ -297,7 +300,8 @@ class DiffusionKTOTrainer:
         seconds = time.perf_counter() - start
         exported = self._finish()
         images = (self.step - start_step) * cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
-        return TrainResult(self.out, self.step, exported, seconds, images / max(seconds, 1e-9), self.skipped)
+        return TrainResult(self.out, self.step, exported, seconds, images / max(seconds, 1e-9), self.skipped,
+                           main_process=acc.is_main_process)
 
     def _optimizer_step(self, result: StepOutput) -> bool:
         """Clip, step and zero the optimizer at accumulation boundaries; skip non-finite steps (counted).
@@ -416,15 +420,16 @@ class DiffusionKTOTrainer:
         return path
 
 
-def _kto_metrics(out: losses.KTOOutput, desirable: torch.Tensor, kl: torch.Tensor, errs: dict) -> dict[str, float]:
+def _kto_metrics(rewards: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, accuracy: torch.Tensor,
+                 errs: dict) -> dict[str, float]:
     """Diagnostics: reference point, implicit rewards of liked and disliked samples, accuracy, reference error."""
-    rewards = out.rewards.float()
+    rewards = rewards.float()
     liked, disliked = rewards[desirable], rewards[~desirable]
     return {
         "kl": float(kl),
         "reward_liked": liked.mean().item() if liked.numel() else math.nan,
         "reward_disliked": disliked.mean().item() if disliked.numel() else math.nan,
-        "accuracy": out.accuracy.item(),
+        "accuracy": accuracy.item(),
         "ref_err": errs["ref_err"].mean().item(),
     }
 
