@@ -72,6 +72,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--judge", default="preference",
                    help="built-in judge name, package.module:callable, or path/to/file.py:callable")
     p.add_argument("--budget", type=int, default=1024, help="feedback images to generate and judge")
+    p.add_argument("--model", default="toy", help="base pipeline (default: the shipped shapes-world model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label-noise", type=float, default=0.0, help="probability of flipping each label")
     p.add_argument("--groups", type=int, default=8, help="seed groups per held-out prompt in the evaluation")
@@ -83,7 +84,7 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> int:
     from .toy.demo import CONFIG, DemoSettings, run_demo
 
-    settings = DemoSettings(out=Path(args.out), judge=args.judge, budget=args.budget, seed=args.seed,
+    settings = DemoSettings(out=Path(args.out), model=args.model, judge=args.judge, budget=args.budget, seed=args.seed,
                             label_noise=args.label_noise, groups_per_prompt=args.groups,
                             config=Path(args.config) if args.config else CONFIG, overrides=tuple(args.overrides))
     run_demo(settings)

@@ -33,6 +33,7 @@ class DemoSettings:
     """Knobs of one demo run; the defaults are the README's demo."""
 
     out: Path = Path("runs/demo")
+    model: str = "toy"  # the base pipeline: the shipped shapes-world model, or a folder in its format
     judge: str = judges.DEFAULT_JUDGE
     budget: int = 1024  # feedback images generated and judged
     seed: int = 0
@@ -109,19 +110,20 @@ def run_demo(settings: DemoSettings) -> dict:
     judge = judges.load_judge(settings.judge)
     total = time.perf_counter()
     with stage(settings, "load base model"):
-        base = load_pipeline("toy", device="cpu")
+        base = load_pipeline(settings.model, device="cpu")
     with stage(settings, "collect feedback"):
         feedback = collect_feedback(base, judge, settings, out / "feedback")
     print(f"[demo] feedback: {feedback['liked']} liked of {feedback['images']} ({feedback['liked_share']:.0%})")
     with stage(settings, "train (Diffusion-KTO)"):
         cfg = load_config(settings.config, [f"data.path={out / 'feedback' / 'feedback.jsonl'}",
                                             f"train.output_dir={out / 'model'}", f"train.seed={settings.seed}",
+                                            f"model.pretrained={settings.model}",
                                             *settings.overrides])
         trained = DiffusionKTOTrainer(cfg).train()
     with stage(settings, "evaluate"):
         exported = Path(trained.exported[0])
         adapter = {"lora": str(out / "model")} if exported.suffix == ".safetensors" else {"unet": str(out / "model")}
-        aligned = load_pipeline("toy", device="cpu", **adapter)
+        aligned = load_pipeline(settings.model, device="cpu", **adapter)
         results = evaluate(base, aligned, judge, settings)
     with stage(settings, "report"):
         metrics = write_demo_report(out, settings, feedback, trained, results, time.perf_counter() - total)
