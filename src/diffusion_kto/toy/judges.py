@@ -164,7 +164,8 @@ def _centring(a: _Analysis) -> np.ndarray:
 
 def _sharpness(a: _Analysis, top_k: int = 12) -> np.ndarray:
     """Steepest edges relative to the image's contrast: a blurred edge spreads over pixels and loses steepness.
-    1 at a relative step >= 0.55, 0 at <= 0.3: (N,)."""
+    1 at a relative step >= 0.6, 0 at <= 0.4 (clean renders: ~0.9; blurred: ~0.25; a trained toy VAE keeps
+    clean edges above ~0.65): (N,)."""
     n = len(a.x)
     steps = np.concatenate([np.abs(np.diff(a.dist, axis=1)).reshape(n, -1),
                             np.abs(np.diff(a.dist, axis=2)).reshape(n, -1)], axis=1)  # (N, 2 H (W - 1))
@@ -172,7 +173,7 @@ def _sharpness(a: _Analysis, top_k: int = 12) -> np.ndarray:
     flat = a.dist.reshape(n, -1)
     kth = int(0.95 * flat.shape[1])
     contrast = np.maximum(np.partition(flat, kth, axis=1)[:, kth], 0.1)
-    return np.clip((steepest / contrast - 0.3) / 0.25, 0.0, 1.0)
+    return np.clip((steepest / contrast - 0.4) / 0.2, 0.0, 1.0)
 
 
 def _clean(a: _Analysis) -> np.ndarray:

@@ -38,6 +38,7 @@ CENTRE_JITTER = 1.0  # clean shapes sit within +-1 px of the image centre
 OFF_CENTRE_SHIFT = (6.0, 8.0)  # the off_centre flaw moves the shape this far, pixels
 BLUR_RADIUS = (1.3, 1.8)  # Gaussian blur radius of the blur flaw, pixels
 NOISE_SIGMA = (0.09, 0.14)  # grain std of the noise flaw, fraction of the 0..255 range
+GRAIN_CELL = 4  # the noise flaw's grain is constant over 4x4-pixel cells
 CLUTTER_HALF_EXTENT = (3.0, 4.0)  # the stray shape of the clutter flaw is small and sits in a corner
 
 
@@ -146,9 +147,12 @@ def _clutter(draw: ImageDraw.ImageDraw, main_colour: str, rng: np.random.Generat
 
 
 def _grain(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Add 2x2-pixel Gaussian grain (coarse enough for a factor-2 VAE to keep)."""
+    """Add blocky Gaussian grain, constant over GRAIN_CELL x GRAIN_CELL pixels (coarse enough for a factor-2
+    VAE to reproduce, so a pretrained model actually draws noisy images)."""
     sigma = rng.uniform(*NOISE_SIGMA) * 255.0
-    grain = rng.normal(0.0, sigma, size=(SIZE // 2, SIZE // 2, 3)).repeat(2, axis=0).repeat(2, axis=1)  # (32, 32, 3)
+    cells = SIZE // GRAIN_CELL
+    grain = rng.normal(0.0, sigma, size=(cells, cells, 3))
+    grain = grain.repeat(GRAIN_CELL, axis=0).repeat(GRAIN_CELL, axis=1)  # (8, 8, 3) -> (32, 32, 3)
     pixels = np.asarray(image, dtype=np.float32) + grain
     return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))
 
