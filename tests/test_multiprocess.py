@@ -61,7 +61,7 @@ def _two_processes(launcher, tiny_sd, feedback, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 0, stderr[-4000:]
-    assert stdout.count("trained 3 steps") == 2  # both ranks ran
+    assert stdout.count("trained 3 steps") == 1  # the main process reports; equal weights show both ranks trained
     _assert_same_lora(one, load_file(out2 / LORA_FILE))
     return stderr
 
