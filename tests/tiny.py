@@ -92,3 +92,19 @@ def tiny_overrides(pipe: Path, data: Path, out: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+BAD_ROW_COUNTS = {"missing image": 1, "unreadable image": 1, "unknown label": 1, "empty prompt": 1}
+
+
+def write_bad_feedback(folder: Path, n: int = 12) -> Path:
+    """write_feedback's rows with one bad row of each kind in lines 2-5: missing image, unreadable image, unknown
+    label, empty prompt (n=12 leaves 4 liked and 4 disliked good rows)."""
+    path = write_feedback(folder, n)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    (folder / records[1]["image"]).unlink()
+    (folder / records[2]["image"]).write_bytes(b"not a png")
+    records[3]["label"] = "maybe"
+    records[4]["prompt"] = ""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path

@@ -15,7 +15,7 @@ def test_summary_counts(tmp_path, images, records, write_jsonl):
 
 def test_bytes_images_are_checked(tmp_path, png_bytes):
     rows = [FeedbackRow(png_bytes(), "p", True, "f.parquet[0]"), FeedbackRow(b"garbage", "q", False, "f.parquet[1]")]
-    with pytest.raises(FeedbackError, match=r"1 bad row; first: f.parquet\[1\]: image \(7 bytes\) cannot be read"):
+    with pytest.raises(FeedbackError, match=r"1 bad row of 2 \(1 unreadable image\).*\n  f.parquet\[1\]: image \(7 bytes\) cannot be read"):
         validate(rows, need_both_classes=False)
 
 
@@ -25,7 +25,7 @@ def test_missing_image_names_row_and_counts_the_others(tmp_path, images, records
     with pytest.raises(FeedbackError) as info:
         validate(rows, need_both_classes=True)
     message = str(info.value)
-    assert message.startswith("3 bad rows; first: ")
+    assert message.startswith("3 bad rows of 6 (3 missing image)")
     assert "feedback.jsonl:4: image '" in message and "missing0.png' not found" in message
     assert "feedback.jsonl:5" in message and "feedback.jsonl:6" in message
 
@@ -33,7 +33,7 @@ def test_missing_image_names_row_and_counts_the_others(tmp_path, images, records
 def test_unreadable_image_is_named(tmp_path, images, records, write_jsonl):
     (tmp_path / "img/green.png").write_bytes(b"\x89PNG but not really")
     rows = read_feedback(write_jsonl(tmp_path / "feedback.jsonl", records))
-    with pytest.raises(FeedbackError, match=r"1 bad row; first: .*feedback.jsonl:2: image '.*green.png' cannot be read"):
+    with pytest.raises(FeedbackError, match=r"1 bad row of 3 \(1 unreadable image\).*\n  .*feedback.jsonl:2: image '.*green.png' cannot be read"):
         validate(rows, need_both_classes=False)
 
 

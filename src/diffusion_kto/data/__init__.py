@@ -1,4 +1,5 @@
 """Feedback data: read and validate like/dislike rows, draw them with the γ-sampler, transform them into batches."""
+from .bad_rows import BadRow
 from .dataset import FeedbackDataset, collate
 from .feedback import (
     FeedbackError,
@@ -7,12 +8,15 @@ from .feedback import (
     MissingExtraError,
     load_image,
     parse_label,
+    Screened,
     read_feedback,
+    screen_feedback,
     validate,
 )
 from .sampler import DesirableSampler
 
 __all__ = [
+    "BadRow",
     "DesirableSampler",
     "FeedbackDataset",
     "FeedbackError",
@@ -22,6 +26,8 @@ __all__ = [
     "collate",
     "load_image",
     "parse_label",
+    "Screened",
     "read_feedback",
+    "screen_feedback",
     "validate",
 ]

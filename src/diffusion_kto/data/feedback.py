@@ -3,7 +3,9 @@
 Diffusion-KTO (arXiv 2404.04465) §4 trains on per-image binary feedback: each row says whether one image is
 desirable for its prompt. Every reader here turns its source into the same `FeedbackRow`s, and every problem is
 a `FeedbackError` that names the file, the row (1-based line for JSONL / CSV, 0-based index for parquet and
-datasets) and the key or column at fault.
+datasets) and the key or column at fault. A problem confined to one row is a `BadRow` (bad_rows.py): the
+validation pass collects all of them, then stops with one error naming them or, with ``data.on_bad_row=skip``,
+leaves them out and reports them.
 """
 from __future__ import annotations
 
@@ -12,14 +14,15 @@ import hashlib
 import io
 import json
 import logging
-import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .bad_rows import BadRow, count_reasons, error_message, in_file_order, listing, skip_summary, split_where
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +30,6 @@ TRUE_LABELS = ("true", "1", "like", "liked", "desirable", "yes", "good", "win")
 FALSE_LABELS = ("false", "0", "dislike", "disliked", "undesirable", "no", "bad", "lose")
 MAX_PROMPT_CHARS = 10_000  # far beyond any text encoder's context (CLIP: 77 tokens, T5: 512); longer is a data bug
 INSTALL_HINT = "pip install diffusion-kto[data]"
-_MAX_LISTED = 10
 
 
 class FeedbackError(ValueError):
@@ -36,6 +38,14 @@ class FeedbackError(ValueError):
 
 class MissingExtraError(FeedbackError, ImportError):
     """An optional dependency needed for this source is not installed; the message names the pip extra."""
+
+
+class RowError(FeedbackError):
+    """A problem confined to one row (the rest of the source is readable); `reason` is what counts group it by."""
+
+    def __init__(self, where: str, reason: str, detail: str):
+        super().__init__(f"{where}: {detail}")
+        self.bad_row = BadRow(where, reason, detail)
 
 
 @dataclass(frozen=True)
@@ -50,11 +60,21 @@ class FeedbackRow:
 
 @dataclass(frozen=True)
 class FeedbackSummary:
-    """Counts of a validated feedback set."""
+    """Counts of a validated feedback set: the rows kept, and the bad rows skipped per reason."""
 
     n: int
     n_desirable: int
     n_undesirable: int
+    n_skipped: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """"117 rows (95 liked, 22 disliked)", then "; skipped 3 of 120 rows: 2 missing image, ..." if any were."""
+        text = f"{self.n} rows ({self.n_desirable} liked, {self.n_undesirable} disliked)"
+        return text + (f"; {skip_summary(self.skipped, self.n + self.n_skipped)}" if self.n_skipped else "")
+
+
+Entry = FeedbackRow | BadRow  # what readers return for each row of a source
 
 
 # ---------------------------------------------------------------------------------------------- labels and fields
@@ -76,8 +96,8 @@ def parse_label(value: Any, where: str, column: str = "label") -> bool:
         if word in FALSE_LABELS:
             return False
     shown = _short(value)
-    raise FeedbackError(
-        f"{where}: column '{column}': unknown label {shown}; accepted (case-insensitive): "
+    raise RowError(
+        where, "unknown label", f"column '{column}': unknown label {shown}; accepted (case-insensitive): "
         f"liked = True, {', '.join(TRUE_LABELS)}; disliked = False, {', '.join(FALSE_LABELS)}"
     )
 
@@ -91,21 +111,21 @@ def _short(value: Any, limit: int = 60) -> str:
 def _check_prompt(value: Any, where: str, column: str) -> str:
     """The prompt as a non-empty, encodable string of at most MAX_PROMPT_CHARS characters."""
     if value is None:
-        raise FeedbackError(f"{where}: column '{column}': prompt is missing (null)")
+        raise RowError(where, "missing prompt", f"column '{column}': prompt is missing (null)")
     if not isinstance(value, str):
         kind = type(value).__name__
-        raise FeedbackError(f"{where}: column '{column}': prompt must be text, got {kind} {_short(value)}")
+        raise RowError(where, "invalid prompt", f"column '{column}': prompt must be text, got {kind} {_short(value)}")
     if not value.strip():
-        raise FeedbackError(f"{where}: column '{column}': prompt is empty")
+        raise RowError(where, "empty prompt", f"column '{column}': prompt is empty")
     if len(value) > MAX_PROMPT_CHARS:
-        raise FeedbackError(
-            f"{where}: column '{column}': prompt is {len(value)} characters long (limit {MAX_PROMPT_CHARS}); "
-            "is a column or a quote misplaced?"
+        raise RowError(
+            where, "invalid prompt", f"column '{column}': prompt is {len(value)} characters long "
+            f"(limit {MAX_PROMPT_CHARS}); is a column or a quote misplaced?"
         )
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise FeedbackError(f"{where}: column '{column}': prompt is not valid unicode ({err.reason})") from None
+        raise RowError(where, "invalid prompt", f"column '{column}': prompt is not valid unicode ({err.reason})") from None
     return value
 
 
@@ -117,26 +137,26 @@ def _check_image(value: Any, where: str, column: str, base: Path | None) -> Path
             return _check_image(data, where, column, base)
         if path is not None:
             return _check_image(path, where, column, base)
-        raise FeedbackError(f"{where}: column '{column}': image has neither 'bytes' nor 'path'")
+        raise RowError(where, "missing image", f"column '{column}': image has neither 'bytes' nor 'path'")
     if isinstance(value, (bytes, bytearray, memoryview)):
         if not len(value):
-            raise FeedbackError(f"{where}: column '{column}': image bytes are empty")
+            raise RowError(where, "unreadable image", f"column '{column}': image bytes are empty")
         return bytes(value)
     if isinstance(value, Image.Image):
         return _png_bytes(value)
     if isinstance(value, Path):
         value = str(value)
     if value is None:
-        raise FeedbackError(f"{where}: column '{column}': image is missing (null)")
+        raise RowError(where, "missing image", f"column '{column}': image is missing (null)")
     if not isinstance(value, str):
-        raise FeedbackError(
-            f"{where}: column '{column}': image must be a path, bytes or a {{'bytes', 'path'}} record, "
-            f"got {type(value).__name__} {_short(value)}"
+        raise RowError(
+            where, "invalid image", f"column '{column}': image must be a path, bytes or a {{'bytes', 'path'}} "
+            f"record, got {type(value).__name__} {_short(value)}"
         )
     if not value.strip():
-        raise FeedbackError(f"{where}: column '{column}': image path is empty")
+        raise RowError(where, "missing image", f"column '{column}': image path is empty")
     if "\x00" in value:
-        raise FeedbackError(f"{where}: column '{column}': image path {_short(value)} contains a NUL character")
+        raise RowError(where, "invalid image", f"column '{column}': image path {_short(value)} contains a NUL character")
     path = Path(value)  # no "~" expansion: a data file names files, not users' homes
     return path if path.is_absolute() or base is None else base / path
 
@@ -148,21 +168,24 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _make_row(record: dict, where: str, columns: tuple[str, str, str], base: Path | None) -> FeedbackRow:
-    """Build a FeedbackRow from one record that has all three columns."""
+def _make_row(record: dict, where: str, columns: tuple[str, str, str], base: Path | None) -> Entry:
+    """A FeedbackRow from one record that has all three columns, or the BadRow saying what is wrong with it."""
     image_column, prompt_column, label_column = columns
-    return FeedbackRow(
-        image=_check_image(record[image_column], where, image_column, base),
-        prompt=_check_prompt(record[prompt_column], where, prompt_column),
-        desirable=_parse_present_label(record[label_column], where, label_column),
-        where=where,
-    )
+    try:
+        return FeedbackRow(
+            image=_check_image(record[image_column], where, image_column, base),
+            prompt=_check_prompt(record[prompt_column], where, prompt_column),
+            desirable=_parse_present_label(record[label_column], where, label_column),
+            where=where,
+        )
+    except RowError as err:
+        return err.bad_row
 
 
 def _parse_present_label(value: Any, where: str, column: str) -> bool:
     """parse_label, with a clearer message for a null label."""
     if value is None:
-        raise FeedbackError(f"{where}: column '{column}': label is missing (null)")
+        raise RowError(where, "missing label", f"column '{column}': label is missing (null)")
     return parse_label(value, where, column)
 
 
@@ -199,34 +222,45 @@ def _read_bytes(path: Path, name: str) -> bytes:
         raise FeedbackError(f"{name}: cannot read ({err.strerror or err})") from None
 
 
-def _read_jsonl(path: Path, name: str, columns: tuple[str, str, str], base: Path) -> list[FeedbackRow]:
+def _read_jsonl(path: Path, name: str, columns: tuple[str, str, str], base: Path) -> list[Entry]:
     """Rows of a JSON-lines file: one object per line, blank lines skipped."""
-    rows = []
-    for number, record in _jsonl_records(_read_bytes(path, name), name):
-        where = f"{name}:{number}"
-        for column in columns:
-            if column not in record:
-                keys = ", ".join(repr(k) for k in record) or "none"
-                raise FeedbackError(f"{where}: missing key '{column}' (keys present: {keys})")
-        rows.append(_make_row(record, where, columns, base))
-    return rows
+    records = _jsonl_records(_read_bytes(path, name), name)
+    return [_jsonl_entry(record, f"{name}:{number}", columns, base) for number, record in records]
 
 
-def _jsonl_records(data: bytes, name: str) -> Iterator[tuple[int, dict]]:
-    """(1-based line number, object) for each non-blank line of a JSON-lines file."""
+def _jsonl_entry(record: dict | BadRow, where: str, columns: tuple[str, str, str], base: Path) -> Entry:
+    """The row of one JSON-lines record: a line that is already a BadRow stays one, as does a missing key."""
+    if isinstance(record, BadRow):
+        return record
+    for column in columns:
+        if column not in record:
+            keys = ", ".join(repr(k) for k in record) or "none"
+            return BadRow(where, "missing key", f"missing key '{column}' (keys present: {keys})")
+    return _make_row(record, where, columns, base)
+
+
+def _jsonl_records(data: bytes, name: str) -> Iterator[tuple[int, dict | BadRow]]:
+    """(1-based line number, object or BadRow) for each non-blank line of a JSON-lines file."""
     for number, raw in enumerate(data.split(b"\n"), start=1):
-        line = _decode_line(raw, name, number)
-        if not line.strip():
-            continue
         try:
-            record = json.loads(line)
-        except RecursionError:
-            raise FeedbackError(f"{name}:{number}: malformed JSON (nested too deeply)") from None
-        except ValueError as err:
-            raise FeedbackError(f"{name}:{number}: malformed JSON ({_first_line(err)})") from None
-        if not isinstance(record, dict):
-            raise FeedbackError(f"{name}:{number}: expected a JSON object {{...}}, got {type(record).__name__}")
-        yield number, record
+            line = _decode_line(raw, name, number)
+            if line.strip():
+                yield number, _json_object(line, f"{name}:{number}")
+        except RowError as err:
+            yield number, err.bad_row
+
+
+def _json_object(line: str, where: str) -> dict:
+    """One line of a JSON-lines file parsed as a JSON object."""
+    try:
+        record = json.loads(line)
+    except RecursionError:
+        raise RowError(where, "malformed row", "malformed JSON (nested too deeply)") from None
+    except ValueError as err:
+        raise RowError(where, "malformed row", f"malformed JSON ({_first_line(err)})") from None
+    if not isinstance(record, dict):
+        raise RowError(where, "malformed row", f"expected a JSON object {{...}}, got {type(record).__name__}")
+    return record
 
 
 def _decode_line(raw: bytes, name: str, number: int) -> str:
@@ -236,7 +270,9 @@ def _decode_line(raw: bytes, name: str, number: int) -> str:
     try:
         return raw.decode("utf-8").removesuffix("\r")
     except UnicodeDecodeError as err:
-        raise FeedbackError(f"{name}:{number}: not valid UTF-8 ({err.reason} at column {err.start + 1})") from None
+        raise RowError(
+            f"{name}:{number}", "malformed row", f"not valid UTF-8 ({err.reason} at column {err.start + 1})"
+        ) from None
 
 
 def _first_line(err: Exception) -> str:
@@ -247,7 +283,7 @@ def _first_line(err: Exception) -> str:
 
 def _read_csv(
     path: Path, name: str, columns: tuple[str, str, str], base: Path, delimiter: str = ","
-) -> list[FeedbackRow]:
+) -> list[Entry]:
     """Rows of a CSV (or TSV) file with a header line; line numbers count physical lines, header = 1."""
     text = _decode(_read_bytes(path, name), name)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
@@ -263,10 +299,9 @@ def _read_csv(
             if not any(f.strip() for f in fields):
                 continue
             if len(fields) != len(header):
-                raise FeedbackError(
-                    f"{where}: row has {len(fields)} fields but the header has {len(header)} "
-                    "(a prompt with an unquoted comma?)"
-                )
+                rows.append(BadRow(where, "malformed row", f"row has {len(fields)} fields but the header has "
+                                   f"{len(header)} (a prompt with an unquoted comma?)"))
+                continue
             rows.append(_make_row(dict(zip(header, fields)), where, columns, base))
     except csv.Error as err:
         raise FeedbackError(f"{name}:{reader.line_num + 1}: malformed CSV ({err})") from None
@@ -282,7 +317,7 @@ def _pyarrow_parquet():
     return pq
 
 
-def _read_parquet(path: Path, name: str, columns: tuple[str, str, str], base: Path) -> list[FeedbackRow]:
+def _read_parquet(path: Path, name: str, columns: tuple[str, str, str], base: Path) -> list[Entry]:
     """Rows of a parquet file; image structs {bytes, path} are accepted as written by HF datasets."""
     pq = _pyarrow_parquet()
     try:
@@ -298,7 +333,7 @@ def _read_parquet(path: Path, name: str, columns: tuple[str, str, str], base: Pa
 
 def _rows_from_columns(
     data: dict[str, list], name: str, columns: tuple[str, str, str], base: Path | None, offset: int = 0
-) -> list[FeedbackRow]:
+) -> list[Entry]:
     """Rows from column lists; `where` is name[index] with the 0-based index (counted from `offset`)."""
     n = len(data[columns[0]])
     return [_make_row({c: data[c][i] for c in columns}, f"{name}[{offset + i}]", columns, base) for i in range(n)]
@@ -315,7 +350,7 @@ def _import_datasets():
     return datasets
 
 
-def _read_hf_dataset(dataset, name: str, columns: tuple[str, str, str], split: str) -> list[FeedbackRow]:
+def _read_hf_dataset(dataset, name: str, columns: tuple[str, str, str], split: str) -> list[Entry]:
     """Rows of a datasets.Dataset (or the `split` of a DatasetDict), images kept encoded."""
     datasets = _import_datasets()
     if isinstance(dataset, (datasets.DatasetDict, dict)):
@@ -327,13 +362,13 @@ def _read_hf_dataset(dataset, name: str, columns: tuple[str, str, str], split: s
     feature = dataset.features.get(columns[0])
     if isinstance(feature, datasets.Image) and feature.decode:
         dataset = dataset.cast_column(columns[0], datasets.Image(decode=False))
-    rows: list[FeedbackRow] = []
+    rows: list[Entry] = []
     for batch in dataset.iter(batch_size=1000):
         rows.extend(_rows_from_columns(batch, name, columns, None, offset=len(rows)))
     return rows
 
 
-def _read_saved_dataset(folder: Path, name: str, columns: tuple[str, str, str], split: str) -> list[FeedbackRow]:
+def _read_saved_dataset(folder: Path, name: str, columns: tuple[str, str, str], split: str) -> list[Entry]:
     """Rows of a folder written by datasets' save_to_disk."""
     datasets = _import_datasets()
     try:
@@ -343,7 +378,7 @@ def _read_saved_dataset(folder: Path, name: str, columns: tuple[str, str, str], 
     return _read_hf_dataset(dataset, name, columns, split)
 
 
-def _read_hub(dataset_id: str, columns: tuple[str, str, str], split: str) -> list[FeedbackRow]:
+def _read_hub(dataset_id: str, columns: tuple[str, str, str], split: str) -> list[Entry]:
     """Rows of a Hugging Face hub dataset (the last resort when `path` is not local)."""
     try:
         datasets = _import_datasets()
@@ -362,7 +397,7 @@ _FILE_READERS = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".csv": _read_cs
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
-def _read_folder(folder: Path, name: str, columns: tuple[str, str, str], split: str) -> list[FeedbackRow]:
+def _read_folder(folder: Path, name: str, columns: tuple[str, str, str], split: str) -> list[Entry]:
     """Rows of an image folder (metadata.jsonl / metadata.csv / feedback.jsonl beside the images) or a save_to_disk
     folder; feedback.jsonl is what ``dkto demo`` and ``dkto convert`` write."""
     for metadata in ("metadata.jsonl", "metadata.csv", "feedback.jsonl"):
@@ -387,7 +422,8 @@ def _metadata_columns(path: Path, name: str) -> set[str]:
         first = next(csv.reader(io.StringIO(_decode(data, name), newline="")), [])
         return set(first)
     for _, record in _jsonl_records(data, name):
-        return set(record)
+        if isinstance(record, dict):
+            return set(record)
     return set()
 
 
@@ -426,10 +462,13 @@ def read_feedback(
     label_column: str = "label",
     split: str = "train",
     policy: str = "win_intermediate",
+    bad_rows: list[BadRow] | None = None,
 ) -> list[FeedbackRow]:
     """Read feedback rows from a .jsonl / .csv / .parquet file, an image folder, a save_to_disk folder or a hub id.
 
     A CSV in the official Diffusion-KTO layout (file_name, caption, split) is labelled by `policy` (data/convert.py).
+    Rows with a problem of their own (unknown label, empty prompt, ...) raise one FeedbackError naming them all;
+    when `bad_rows` is a list they are appended to it instead and left out (the validation pass decides).
     """
     columns = (image_column, prompt_column, label_column)
     name = str(path)
@@ -454,42 +493,60 @@ def read_feedback(
         rows = _read_hub(name, columns, split)
     if not rows:
         raise FeedbackError(f"{name}: no feedback rows (the dataset is empty)")
-    return rows
+    return _keep_good(rows, bad_rows)
+
+
+def _keep_good(entries: list[Entry], bad_rows: list[BadRow] | None) -> list[FeedbackRow]:
+    """The good rows; the bad ones go to `bad_rows`, or, when it is None, raise one error naming them all."""
+    bad = [entry for entry in entries if isinstance(entry, BadRow)]
+    if bad and bad_rows is None:
+        raise FeedbackError(error_message(bad, len(entries)))
+    if bad_rows is not None:
+        bad_rows.extend(bad)
+    return [entry for entry in entries if isinstance(entry, FeedbackRow)]
 
 
 # ---------------------------------------------------------------------------------------------- validation
 
 
-def _source_of(where: str) -> str:
-    """The file (or dataset) part of a row's `where`."""
-    match = re.fullmatch(r"(.*?)(?::\d+|\[\d+\])", where, flags=re.DOTALL)
-    return match.group(1) if match else where
+@dataclass(frozen=True)
+class Screened:
+    """The outcome of the validation pass: the rows to train on, their counts, and the bad rows left out."""
+
+    rows: list[FeedbackRow]
+    summary: FeedbackSummary
+    skipped: list[BadRow]
 
 
-def image_problem(row: FeedbackRow) -> str | None:
+def image_problem(row: FeedbackRow) -> BadRow | None:
     """Why a row's image cannot be used (missing, unreadable, not an image), or None when it decodes."""
     label = f"image '{row.image}'" if isinstance(row.image, Path) else f"image ({len(row.image)} bytes)"
     try:
         if isinstance(row.image, Path) and not row.image.is_file():
-            return f"{label} not found" if not row.image.exists() else f"{label} is not a file"
+            if not row.image.exists():
+                return BadRow(row.where, "missing image", f"{label} not found")
+            return BadRow(row.where, "unreadable image", f"{label} is not a file")
         source = row.image if isinstance(row.image, Path) else io.BytesIO(row.image)
         with Image.open(source) as image:
             image.verify()
     except Exception as err:  # PIL raises OSError, SyntaxError, struct.error, DecompressionBombError...
-        return f"{label} cannot be read as an image ({type(err).__name__}: {_first_line(err)})"
+        detail = f"{label} cannot be read as an image ({type(err).__name__}: {_first_line(err)})"
+        return BadRow(row.where, "unreadable image", detail)
     return None
 
 
-def _bad_rows_message(bad: list[tuple[FeedbackRow, str]]) -> str:
-    """One message for all rows with broken images: the first in full, then where the others are."""
-    first_row, first_problem = bad[0]
-    count = f"{len(bad)} bad row{'s' if len(bad) > 1 else ''}"
-    message = f"{count}; first: {first_row.where}: {first_problem}"
-    others = [row.where for row, _ in bad[1 : 1 + _MAX_LISTED]]
-    if others:
-        more = len(bad) - 1 - len(others)
-        message += f"; others: {', '.join(others)}" + (f" and {more} more" if more else "")
-    return message
+def _check_classes(rows: Sequence[FeedbackRow], n_skipped: int) -> None:
+    """Raise unless both liked and disliked rows are left (the `kto` objective needs both)."""
+    n_desirable = sum(1 for row in rows if row.desirable)
+    source = split_where(rows[0].where)[0]
+    after = f" after skipping {n_skipped} bad row{'s' if n_skipped > 1 else ''}" if n_skipped else ""
+    checks = ((n_desirable, "liked", "disliked"), (len(rows) - n_desirable, "disliked", "liked"))
+    for count, missing, present in checks:
+        if count == 0:
+            raise FeedbackError(
+                f"{source}: no {missing} rows (all {len(rows)} rows are {present}{after}); the `kto` objective needs "
+                f"both liked and disliked rows (or set desirable_ratio to 0 / 1 with an objective that allows it)"
+            )
 
 
 def _warn_duplicates(rows: Sequence[FeedbackRow]) -> None:
@@ -511,27 +568,39 @@ def _warn_duplicates(rows: Sequence[FeedbackRow]) -> None:
         )
 
 
+def screen_feedback(
+    rows: Sequence[FeedbackRow],
+    bad_rows: Sequence[BadRow] = (),
+    *,
+    skip: bool = False,
+    need_both_classes: bool,
+    check_images: bool = True,
+) -> Screened:
+    """The validation pass: every bad row (read_feedback's `bad_rows` and broken images) raises one error naming
+    them all or, with `skip`, is left out and logged with counts per reason; then the class check for `kto`."""
+    total = len(rows) + len(bad_rows)
+    if not total:
+        raise FeedbackError("no feedback rows (the dataset is empty)")
+    broken = {id(row): problem for row in rows if check_images and (problem := image_problem(row)) is not None}
+    bad = in_file_order([*bad_rows, *broken.values()])
+    kept = [row for row in rows if id(row) not in broken]
+    if bad and not skip:
+        raise FeedbackError(error_message(bad, total))
+    if not kept:
+        raise FeedbackError(error_message(bad, total, "no row is left to train on"))
+    if bad:
+        logger.warning("data.on_bad_row=skip: %s; first:\n%s", skip_summary(count_reasons(bad), total), listing(bad))
+    if need_both_classes:
+        _check_classes(kept, len(bad))
+    _warn_duplicates(kept)
+    n_desirable = sum(1 for row in kept if row.desirable)
+    summary = FeedbackSummary(len(kept), n_desirable, len(kept) - n_desirable, len(bad), count_reasons(bad))
+    return Screened(kept, summary, bad)
+
+
 def validate(rows: Sequence[FeedbackRow], *, need_both_classes: bool, check_images: bool = True) -> FeedbackSummary:
     """Check that every image decodes and (for `kto`) that both liked and disliked rows exist; count them."""
-    if not rows:
-        raise FeedbackError("no feedback rows (the dataset is empty)")
-    n_desirable = sum(1 for row in rows if row.desirable)
-    summary = FeedbackSummary(n=len(rows), n_desirable=n_desirable, n_undesirable=len(rows) - n_desirable)
-    if check_images:
-        bad = [(row, problem) for row in rows if (problem := image_problem(row)) is not None]
-        if bad:
-            raise FeedbackError(_bad_rows_message(bad))
-    if need_both_classes:
-        source = _source_of(rows[0].where)
-        checks = ((n_desirable, "liked", "disliked"), (summary.n_undesirable, "disliked", "liked"))
-        for count, missing, present in checks:
-            if count == 0:
-                raise FeedbackError(
-                    f"{source}: no {missing} rows (all {len(rows)} rows are {present}); the `kto` objective needs "
-                    f"both liked and disliked rows (or set desirable_ratio to 0 / 1 with an objective that allows it)"
-                )
-    _warn_duplicates(rows)
-    return summary
+    return screen_feedback(rows, need_both_classes=need_both_classes, check_images=check_images).summary
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -545,8 +614,8 @@ def load_image(row: FeedbackRow) -> Image.Image:
             image = ImageOps.exif_transpose(opened)
             image.load()
     except Exception as err:
-        problem = image_problem(row) or f"image cannot be decoded ({type(err).__name__}: {_first_line(err)})"
-        raise FeedbackError(f"{row.where}: {problem}") from None
+        problem = image_problem(row) or f"{row.where}: image cannot be decoded ({type(err).__name__}: {_first_line(err)})"
+        raise FeedbackError(str(problem)) from None
     return _to_rgb(image)
 
 
