@@ -46,6 +46,7 @@ def test_overrides_win_and_are_typed():
     ("train.gradient_checkpointing=maybe", "expected true or false"),
     ("loss.beta", "key=value"),
     ("train.resume=/does/not/exist", "train.resume"),
+    ("data.on_bad_row=drop", "data.on_bad_row: 'drop' is not allowed; choose one of error, skip"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=None) as err:

@@ -169,3 +169,35 @@ def test_full_sft_keeps_no_reference_copy(tiny_sd, feedback, tmp_path):
     assert trainer.family.ref_unet is None and not trainer.family.has_reference
     assert trainer.train().steps == 1
     assert (tmp_path / "run" / "validation" / "step-00000001.png").is_file()
+
+
+def test_on_bad_row_skip_trains_on_the_other_rows_and_records_them(tiny_sd, tmp_path):
+    import json
+
+    from tiny import BAD_ROW_COUNTS, write_bad_feedback
+
+    data, out = write_bad_feedback(tmp_path / "d"), tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(tiny_sd, data, out, **{
+        "lora.rank": 2, "train.max_steps": 2, "data.on_bad_row": "skip"}))
+    trainer = DiffusionKTOTrainer(cfg)
+    assert len(trainer.rows) == 8 and not {row.where for row in trainer.rows} & {f"{data}:{i}" for i in range(2, 6)}
+    result = trainer.train()  # a skipped unreadable image in a batch would fail here
+    assert result.steps == 2 and result.data.n == 8 and result.data.skipped == BAD_ROW_COUNTS
+    skipped = [json.loads(line) for line in (out / "skipped_rows.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["row"]) for r in skipped] == [(str(data), i) for i in range(2, 6)]
+    summary = json.loads((out / "data_summary.json").read_text())
+    assert summary["on_bad_row"] == "skip" and summary["n"] == 8 and summary["n_skipped"] == 4
+    assert summary["skipped"] == BAD_ROW_COUNTS and summary["skipped_rows_file"] == str(out / "skipped_rows.jsonl")
+
+
+def test_on_bad_row_error_is_the_default_and_names_every_row(tiny_sd, tmp_path):
+    from tiny import write_bad_feedback
+
+    from diffusion_kto.data import FeedbackError
+
+    data, out = write_bad_feedback(tmp_path / "d"), tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(tiny_sd, data, out))
+    with pytest.raises(FeedbackError, match=r"^4 bad rows of 12 ") as info:
+        DiffusionKTOTrainer(cfg)
+    assert all(f"feedback.jsonl:{i}: " in str(info.value) for i in range(2, 6))
+    assert not out.exists()

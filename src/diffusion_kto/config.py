@@ -70,6 +70,11 @@ class DataConfig:
     random_flip: bool = True
     num_workers: int = _positive(0, allow_zero=True)
     max_pairs_per_prompt: int = _positive(4, "loss.name=dpo: same-prompt liked x disliked pairs kept per prompt")
+    on_bad_row: str = _choice(
+        "error", ("error", "skip"),
+        "a row with a missing / unreadable image, unknown label, empty prompt, ...: error = stop, naming them all; "
+        "skip = leave them out, counted in the log and listed in <output_dir>/skipped_rows.jsonl",
+    )
 
 
 @dataclass

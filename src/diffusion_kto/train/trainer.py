@@ -5,6 +5,8 @@ per-sample denoising errors of the policy and of the frozen reference on the sam
 the reference point Q_ref (on mismatched prompts, the batch itself, or 0), all-reduce it, and apply the loss."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import shutil
@@ -18,7 +20,9 @@ from tqdm.auto import tqdm
 
 from .. import diffusion, losses
 from ..config import Config, ConfigError, save_config, to_dict
-from ..data import DesirableSampler, FeedbackDataset, collate, read_feedback, validate
+from ..data import (BadRow, DesirableSampler, FeedbackDataset, FeedbackSummary, Screened, collate, read_feedback,
+                    screen_feedback)
+from ..data.bad_rows import SKIPPED_ROWS_FILE, write_skipped_rows
 from ..data.baselines import PairDataset, collate_pairs, csft_prompt
 from ..data.convert import feedback_to_pairs
 from ..models import DiffusionFamily, load_family
@@ -53,6 +57,7 @@ class TrainResult:
     images_per_second: float
     skipped_steps: int
     main_process: bool = True
+    data: FeedbackSummary | None = None  # rows trained on and bad rows skipped (None: rows were passed in)
 
 
 def check_output_dir(cfg: Config) -> None:
@@ -71,18 +76,30 @@ def check_output_dir(cfg: Config) -> None:
     )
 
 
-def load_feedback(cfg: Config):
-    """Read and validate the feedback rows named by ``data.*`` before any model loads."""
+def load_feedback(cfg: Config) -> Screened:
+    """Read and validate the feedback rows named by ``data.*`` before any model loads (bad rows: data.on_bad_row)."""
     if cfg.data.path is None:
         raise ConfigError("data.path: no feedback data given (a JSONL / CSV / parquet file, an image folder, or a dataset)")
+    bad_rows: list[BadRow] = []
     rows = read_feedback(
         cfg.data.path,
         image_column=cfg.data.image_column,
         prompt_column=cfg.data.prompt_column,
         label_column=cfg.data.label_column,
+        bad_rows=bad_rows,
     )
-    summary = validate(rows, need_both_classes=cfg.loss.name in _LOSSES_NEEDING_BOTH_CLASSES)
-    return rows, summary
+    return screen_feedback(rows, bad_rows, skip=cfg.data.on_bad_row == "skip",
+                           need_both_classes=cfg.loss.name in _LOSSES_NEEDING_BOTH_CLASSES)
+
+
+def write_data_report(cfg: Config, screened: Screened, out: Path) -> None:
+    """Record what the run trains on in ``data_summary.json``; with data.on_bad_row=skip, list skipped rows too."""
+    report = {"path": cfg.data.path, "on_bad_row": cfg.data.on_bad_row, **dataclasses.asdict(screened.summary)}
+    if cfg.data.on_bad_row == "skip":
+        report["skipped_rows_file"] = str(write_skipped_rows(screened.skipped, out / SKIPPED_ROWS_FILE))
+        if screened.skipped:
+            log.warning("the %d skipped rows are listed in %s", len(screened.skipped), report["skipped_rows_file"])
+    (out / "data_summary.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 class DiffusionKTOTrainer:
@@ -95,7 +112,8 @@ class DiffusionKTOTrainer:
 
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
-        self.rows, self.data_summary = (rows, None) if rows is not None else load_feedback(cfg)
+        self.screened = load_feedback(cfg) if rows is None else None
+        self.rows = rows if rows is not None else self.screened.rows
         check_output_dir(cfg)
         report_to = None if cfg.log.report_to == "none" else cfg.log.report_to
         _require_tracker(report_to)
@@ -269,6 +287,8 @@ class DiffusionKTOTrainer:
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
+            if self.screened is not None:
+                write_data_report(cfg, self.screened, self.out)
         if cfg.train.resume is not None:
             self._resume(cfg.train.resume)
         if cfg.log.report_to != "none":
@@ -301,7 +321,7 @@ class DiffusionKTOTrainer:
         exported = self._finish()
         images = (self.step - start_step) * cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
         return TrainResult(self.out, self.step, exported, seconds, images / max(seconds, 1e-9), self.skipped,
-                           main_process=acc.is_main_process)
+                           main_process=acc.is_main_process, data=self.screened.summary if self.screened else None)
 
     def _optimizer_step(self, result: StepOutput) -> bool:
         """Clip, step and zero the optimizer at accumulation boundaries; skip non-finite steps (counted).
