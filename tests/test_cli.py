@@ -91,6 +91,31 @@ def test_bad_data_stops_before_training_and_names_the_row(tiny_sd, feedback, tmp
     assert not out.exists()
 
 
+def test_on_bad_row_skip_shows_the_counts(tiny_sd, tmp_path):
+    from tiny import write_bad_feedback
+
+    data, out = write_bad_feedback(tmp_path / "d"), tmp_path / "run"
+    proc = dkto("train", *tiny_overrides(tiny_sd, data, out, **{"train.max_steps": 2, "data.on_bad_row": "skip"}))
+    assert proc.returncode == 0, proc.stderr
+    counts = "skipped 4 of 12 rows: 1 missing image, 1 unreadable image, 1 unknown label, 1 empty prompt"
+    assert f"data: 8 rows (4 liked, 4 disliked); {counts}" in proc.stdout
+    assert f"skipped rows are listed in {out / 'skipped_rows.jsonl'}" in proc.stdout
+    assert counts in proc.stderr and f"{data}:2: image" in proc.stderr  # the log names the first rows
+    assert len((out / "skipped_rows.jsonl").read_text().splitlines()) == 4
+
+
+def test_check_config_data_previews_bad_rows(tmp_path, capsys):
+    from tiny import write_bad_feedback
+
+    from diffusion_kto.cli import main
+
+    data = write_bad_feedback(tmp_path / "d")
+    assert main(["check-config", "--data", f"data.path={data}", "data.on_bad_row=skip"]) == 0
+    assert "# data: 8 rows (4 liked, 4 disliked); skipped 4 of 12 rows" in capsys.readouterr().out
+    assert main(["check-config", "--data", f"data.path={data}"]) == 2
+    assert "4 bad rows of 12" in capsys.readouterr().err
+
+
 def test_unknown_key_is_a_clear_error(tmp_path):
     proc = dkto("train", "loss.bta=3")
     assert proc.returncode == 2 and "unknown config key loss.bta" in proc.stderr

@@ -29,6 +29,9 @@ def _add_train(sub) -> None:
 def _add_check_config(sub) -> None:
     p = sub.add_parser("check-config", help="validate a config and print the resolved values (loads no model)")
     p.add_argument("--config")
+    p.add_argument("--data", action="store_true",
+                   help="also read and validate the feedback at data.path (as `dkto train` would, with "
+                        "data.on_bad_row) and print its counts")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_run_check_config)
 
@@ -93,6 +96,7 @@ def _run_demo(args) -> int:
 
 def _run_train(args) -> int:
     from .config import load_config
+    from .data.bad_rows import SKIPPED_ROWS_FILE
     from .train import DiffusionKTOTrainer
     from .train.launch import maybe_launch
 
@@ -104,6 +108,10 @@ def _run_train(args) -> int:
     if not result.main_process:
         return 0
     print(f"trained {result.steps} steps in {result.seconds:.1f}s ({result.images_per_second:.2f} images/s)")
+    if result.data is not None:
+        print(f"data: {result.data.describe()}")
+    if result.data is not None and result.data.n_skipped:
+        print(f"skipped rows are listed in {result.output_dir / SKIPPED_ROWS_FILE}")
     for path in result.exported:
         print(f"exported {path}")
     return 0
@@ -114,7 +122,12 @@ def _run_check_config(args) -> int:
 
     from .config import load_config, to_dict
 
-    print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    if args.data:
+        from .train import load_feedback
+
+        print(f"# data: {load_feedback(cfg).summary.describe()}")
     return 0
 
 
