@@ -47,7 +47,7 @@ def test_the_listing_is_capped(tmp_path, write_jsonl):
     with pytest.raises(FeedbackError) as info:
         read_feedback(write_jsonl(tmp_path / "f.jsonl", lines))
     message = str(info.value)
-    assert message.startswith("9 bad rows of 9 (9 unknown label)")
+    assert message.startswith("9 bad rows of 9 (9 unknown label); no row is left to train on:")
     assert "f.jsonl:5: " in message and "f.jsonl:6: " not in message and "... and 4 more" in message
 
 

@@ -74,10 +74,13 @@ def listing(bad: Sequence[BadRow], limit: int = LISTED) -> str:
     return "\n".join(lines)
 
 
-def error_message(bad: Sequence[BadRow], total: int, advice: str | None = None) -> str:
+def error_message(bad: Sequence[BadRow], total: int) -> str:
     """One message for every bad row found: counts per reason, advice, then the first rows named."""
     plural = "s" if len(bad) > 1 else ""
-    advice = advice or "fix them, or set data.on_bad_row=skip to train on the other rows"
+    if len(bad) < total:
+        advice = "fix them, or set data.on_bad_row=skip to train on the other rows"
+    else:
+        advice = "no row is left to train on"
     return f"{len(bad)} bad row{plural} of {total} ({_reasons(count_reasons(bad))}); {advice}:\n{listing(bad)}"
 
 

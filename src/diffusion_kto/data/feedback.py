@@ -584,10 +584,8 @@ def screen_feedback(
     broken = {id(row): problem for row in rows if check_images and (problem := image_problem(row)) is not None}
     bad = in_file_order([*bad_rows, *broken.values()])
     kept = [row for row in rows if id(row) not in broken]
-    if bad and not skip:
+    if bad and (not skip or not kept):
         raise FeedbackError(error_message(bad, total))
-    if not kept:
-        raise FeedbackError(error_message(bad, total, "no row is left to train on"))
     if bad:
         logger.warning("data.on_bad_row=skip: %s; first:\n%s", skip_summary(count_reasons(bad), total), listing(bad))
     if need_both_classes:
