@@ -204,12 +204,17 @@ def _read_jsonl(path: Path, name: str, columns: tuple[str, str, str], base: Path
     rows = []
     for number, record in _jsonl_records(_read_bytes(path, name), name):
         where = f"{name}:{number}"
-        for column in columns:
-            if column not in record:
-                keys = ", ".join(repr(k) for k in record) or "none"
-                raise FeedbackError(f"{where}: missing key '{column}' (keys present: {keys})")
+        _check_keys(record, columns, where)
         rows.append(_make_row(record, where, columns, base))
     return rows
+
+
+def _check_keys(record: dict, keys: Sequence[str], where: str) -> None:
+    """Raise if a JSON record lacks one of `keys`, listing the keys it has."""
+    for key in keys:
+        if key not in record:
+            present = ", ".join(repr(k) for k in record) or "none"
+            raise FeedbackError(f"{where}: missing key '{key}' (keys present: {present})")
 
 
 def _jsonl_records(data: bytes, name: str) -> Iterator[tuple[int, dict]]:
