@@ -96,3 +96,15 @@ def test_broken_tar_names_the_shard(tmp_path):
     (tmp_path / "s.tar").write_bytes(b"not a tar" * 100)
     with pytest.raises(FeedbackError, match=r"s\.tar: cannot read tar shard"):
         list(read_shard(tmp_path / "s.tar", COLUMNS))
+
+
+def test_dkto_convert_shards(tmp_path, images, records, write_jsonl, capsys):
+    from diffusion_kto.cli import main
+
+    src = write_jsonl(tmp_path / "feedback.jsonl", records)
+    assert main(["convert", "shards", "--src", str(src), "--out", str(tmp_path / "s"), "--rows-per-shard", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 3 rows (2 liked, 1 disliked) in 2 shards" in printed and "train-{000000..000001}.tar" in printed
+    assert [r.prompt for p in list_shards(tmp_path / "s") for r in read_shard(p, COLUMNS)] == [
+        "a red square", "a green square", "a blue square"]
+    assert main(["convert", "shards", "--src", str(src), "--out", str(tmp_path / "s")]) == 2  # not empty
