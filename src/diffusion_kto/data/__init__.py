@@ -1,4 +1,4 @@
-"""Feedback data: read and validate like/dislike rows, draw them with the γ-sampler, transform them into batches."""
+"""Feedback data: read and validate like/dislike rows, draw them with the γ-sampler (or stream them from shards), transform them into batches."""
 from .dataset import FeedbackDataset, collate
 from .feedback import (
     FeedbackError,
@@ -11,6 +11,7 @@ from .feedback import (
     validate,
 )
 from .sampler import DesirableSampler
+from .stream import StreamingFeedbackDataset, collate_stream
 
 __all__ = [
     "DesirableSampler",
@@ -19,7 +20,9 @@ __all__ = [
     "FeedbackRow",
     "FeedbackSummary",
     "MissingExtraError",
+    "StreamingFeedbackDataset",
     "collate",
+    "collate_stream",
     "load_image",
     "parse_label",
     "read_feedback",
