@@ -42,6 +42,9 @@ def test_streamed_run_checkpoints_the_stream_and_resumes(tiny_sd, shards, tmp_pa
         tiny_sd, shards, tmp_path / "run", **common, **{"train.max_steps": 3, "train.resume": "latest"})))
     assert resumed.train().steps == 3
     assert resumed._stream_resume == state["stream"]
+    final = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-00000003" / "state.json").read_text())
+    assert set(final["stream"]["cursors"]) == {"0", "1"}  # reader 1 made no batch after the resume: kept its cursor
+    assert final["stream"]["cursors"]["1"] == state["stream"]["cursors"]["1"]
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
 
 

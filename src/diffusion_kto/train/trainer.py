@@ -223,6 +223,16 @@ class DiffusionKTOTrainer:
             self.stream_cursors[str(reader)] = [int(c) for c in cursor]
             self.stream_readers = int(readers)
 
+    def _keep_stream_cursors(self, state: dict | None, path: Path) -> None:
+        """Start from the resumed cursors of this process's readers, so a reader that makes no batch before the next
+        checkpoint keeps its position there (a warning when the reader layout changed)."""
+        workers, acc = max(self.cfg.data.num_workers, 1), self.accelerator
+        _warn_stream_layout(state, acc.num_processes * workers, path)
+        if state and state.get("readers") == acc.num_processes * workers:
+            mine = {str(acc.process_index * workers + w) for w in range(workers)}
+            self.stream_cursors = {k: list(v) for k, v in state["cursors"].items() if k in mine}
+            self.stream_readers = state["readers"]
+
     def _stream_state(self) -> dict | None:
         """The readers' cursors of every process (a collective call: every process must make it)."""
         if not self.shards:
@@ -439,7 +449,7 @@ class DiffusionKTOTrainer:
         self.skipped = int(state["state"].get("skipped", 0))
         self._stream_resume = state["state"].get("stream")
         if self.shards:
-            _warn_stream_layout(self._stream_resume, self.accelerator.num_processes * max(self.cfg.data.num_workers, 1), path)
+            self._keep_stream_cursors(self._stream_resume, path)
         if self.accelerator.is_main_process:
             print(f"resumed from {path} at step {self.step}")
 
