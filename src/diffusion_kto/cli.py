@@ -187,6 +187,11 @@ def _add_convert(sub) -> None:
     to_pairs.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     to_pairs.add_argument("--max-pairs-per-prompt", type=int, default=4, help="0: no cap")
     to_pairs.add_argument("--seed", type=int, default=0)
+    shards = conv.add_parser("shards", help="feedback -> tar shards for data.streaming=true (docs/data.md)",
+                             description="Example: dkto convert shards --src data/feedback.jsonl --out data/shards")
+    shards.add_argument("--src", required=True, help="feedback data (anything data.path accepts)")
+    shards.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    shards.add_argument("--rows-per-shard", type=int, default=1000)
     p.set_defaults(func=_run_convert)
 
 
@@ -197,6 +202,15 @@ def _run_convert(args) -> int:
     if kind == "to-pairs":
         pairs = convert.feedback_to_pairs(read_feedback(args.src), args.max_pairs_per_prompt or None, args.seed)
         print(f"wrote {len(pairs)} pairs to {convert.write_pairs(pairs, args.out)}")
+        return 0
+    if kind == "shards":
+        from .data.shards import shard_pattern, write_shards
+
+        rows = read_feedback(args.src)
+        paths = write_shards(rows, args.out, args.rows_per_shard)
+        liked = sum(row.desirable for row in rows)
+        print(f"wrote {len(rows)} rows ({liked} liked, {len(rows) - liked} disliked) in {len(paths)} shards: "
+              f"{shard_pattern(paths)}")
         return 0
     if kind == "pickapic":
         summary = convert.pickapic_to_feedback(args.src, args.out, args.policy, ties=args.ties, split=args.split,

@@ -69,6 +69,8 @@ class DataConfig:
     center_crop: bool = True
     random_flip: bool = True
     num_workers: int = _positive(0, allow_zero=True)
+    streaming: bool = False  # read data.path as shards (folder, glob or train-{000..009}.tar) instead of loading it
+    stream_buffer: int = _positive(1000, "data.streaming: rows per class buffer of each reader (docs/data.md)")
     max_pairs_per_prompt: int = _positive(4, "loss.name=dpo: same-prompt liked x disliked pairs kept per prompt")
     on_bad_row: str = _choice(
         "error", ("error", "skip"),
@@ -250,6 +252,11 @@ def _validate_cross_fields(cfg: Config) -> None:
     """Rules that involve more than one field."""
     if cfg.train.resume not in (None, "latest") and not _exists(cfg.train.resume):
         raise ConfigError(f"train.resume: {cfg.train.resume!r} is neither 'latest' nor an existing checkpoint folder")
+    if cfg.data.streaming and cfg.loss.name == "dpo":
+        raise ConfigError(
+            "data.streaming: loss.name=dpo pairs same-prompt rows, which a stream cannot look up; "
+            "make pairs first (dkto convert to-pairs) and train without streaming, or use kto / sft / csft"
+        )
     if cfg.loss.name == "kto" and cfg.loss.reference_point == "mismatched" and cfg.train.batch_size < 2:
         raise ConfigError(
             "loss.reference_point=mismatched needs train.batch_size >= 2 (prompts are rolled within the batch); "

@@ -1,4 +1,4 @@
-"""Feedback data: read and validate like/dislike rows, draw them with the γ-sampler, transform them into batches."""
+"""Feedback data: read and validate like/dislike rows, draw them with the γ-sampler (or stream them from shards), transform them into batches."""
 from .bad_rows import BadRow
 from .dataset import FeedbackDataset, collate
 from .feedback import (
@@ -14,6 +14,7 @@ from .feedback import (
     validate,
 )
 from .sampler import DesirableSampler
+from .stream import StreamingFeedbackDataset, collate_stream
 
 __all__ = [
     "BadRow",
@@ -23,7 +24,9 @@ __all__ = [
     "FeedbackRow",
     "FeedbackSummary",
     "MissingExtraError",
+    "StreamingFeedbackDataset",
     "collate",
+    "collate_stream",
     "load_image",
     "parse_label",
     "Screened",

@@ -177,12 +177,12 @@ class _Tallies:
 # ---------------------------------------------------------------------------------------------- output folder
 
 
-def _prepare_out_dir(out_dir: str | Path) -> Path:
-    """Create the output folder; refuse one that exists and is not empty."""
+def _prepare_out_dir(out_dir: str | Path, with_images: bool = True) -> Path:
+    """Create the output folder (and its images/ folder); refuse one that exists and is not empty."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FeedbackError(f"{out}: output folder exists and is not empty; choose another --out")
-    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    (out / IMAGES_DIR if with_images else out).mkdir(parents=True, exist_ok=True)
     return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.utils.data
@@ -15,30 +16,45 @@ from .feedback import FeedbackRow, load_image
 from .transforms import draw_choices, transform_caption, transform_image
 
 
+@dataclass(frozen=True)
+class ItemTransform:
+    """Turns one feedback row and its draw id into a training item (crop, flip, caption dropout from (seed, draw_id))."""
+
+    resolution: int
+    center_crop: bool = True
+    random_flip: bool = True
+    caption_dropout: float = 0.0  # probability of replacing the prompt by ""
+    seed: int = 0
+
+    def __post_init__(self):
+        """Refuse settings no transform can use."""
+        if int(self.resolution) < 1:
+            raise ValueError(f"resolution must be >= 1, got {self.resolution}")
+        if not (math.isfinite(self.caption_dropout) and 0.0 <= self.caption_dropout <= 1.0):
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+
+    def __call__(self, row: FeedbackRow, index: int, draw_id: int) -> dict:
+        """{"pixel_values": (3,R,R), "prompt", "desirable", "row": index, "draw_id"} for one draw of `row`."""
+        choices = draw_choices(self.seed, draw_id, self.caption_dropout)
+        pixels = transform_image(
+            load_image(row), int(self.resolution), choices, center_crop=self.center_crop, random_flip=self.random_flip
+        )
+        return {
+            "pixel_values": pixels,
+            "prompt": transform_caption(row.prompt, choices),
+            "desirable": row.desirable,
+            "row": index,
+            "draw_id": draw_id,
+        }
+
+
 class FeedbackDataset(torch.utils.data.Dataset):
     """Feedback rows as training items: {"pixel_values", "prompt", "desirable", "row", "draw_id"}."""
 
-    def __init__(
-        self,
-        rows: Sequence[FeedbackRow],
-        *,
-        resolution: int,
-        center_crop: bool = True,
-        random_flip: bool = True,
-        caption_dropout: float = 0.0,
-        seed: int = 0,
-    ):
-        """Keep the rows and the transform settings (caption_dropout: probability of replacing the prompt by "")."""
-        if int(resolution) < 1:
-            raise ValueError(f"resolution must be >= 1, got {resolution}")
-        if not (math.isfinite(caption_dropout) and 0.0 <= caption_dropout <= 1.0):
-            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+    def __init__(self, rows: Sequence[FeedbackRow], **transform):
+        """Keep the rows and the `ItemTransform` settings (resolution, center_crop, ..., seed)."""
         self.rows = list(rows)
-        self.resolution = int(resolution)
-        self.center_crop = bool(center_crop)
-        self.random_flip = bool(random_flip)
-        self.caption_dropout = float(caption_dropout)
-        self.seed = int(seed)
+        self.transform = ItemTransform(**transform)
 
     def __len__(self) -> int:
         """Number of feedback rows."""
@@ -49,18 +65,7 @@ class FeedbackDataset(torch.utils.data.Dataset):
         index, draw_id = _split_key(key)
         if not 0 <= index < len(self.rows):
             raise IndexError(f"row index {index} out of range for {len(self.rows)} feedback rows")
-        row = self.rows[index]
-        choices = draw_choices(self.seed, draw_id, self.caption_dropout)
-        pixels = transform_image(
-            load_image(row), self.resolution, choices, center_crop=self.center_crop, random_flip=self.random_flip
-        )
-        return {
-            "pixel_values": pixels,
-            "prompt": transform_caption(row.prompt, choices),
-            "desirable": row.desirable,
-            "row": index,
-            "draw_id": draw_id,
-        }
+        return self.transform(self.rows[index], index, draw_id)
 
 
 def _split_key(key: tuple[int, int] | int) -> tuple[int, int]:

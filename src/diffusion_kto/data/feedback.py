@@ -232,11 +232,24 @@ def _jsonl_entry(record: dict | BadRow, where: str, columns: tuple[str, str, str
     """The row of one JSON-lines record: a line that is already a BadRow stays one, as does a missing key."""
     if isinstance(record, BadRow):
         return record
-    for column in columns:
-        if column not in record:
-            keys = ", ".join(repr(k) for k in record) or "none"
-            return BadRow(where, "missing key", f"missing key '{column}' (keys present: {keys})")
-    return _make_row(record, where, columns, base)
+    missing = _missing_key(record, columns)
+    return BadRow(where, "missing key", missing) if missing else _make_row(record, where, columns, base)
+
+
+def _check_keys(record: dict, keys: Sequence[str], where: str) -> None:
+    """Raise if a JSON record lacks one of `keys`, listing the keys it has (streamed shards stop on it)."""
+    missing = _missing_key(record, keys)
+    if missing:
+        raise FeedbackError(f"{where}: {missing}")
+
+
+def _missing_key(record: dict, keys: Sequence[str]) -> str | None:
+    """The message for the first of `keys` that a JSON record lacks, listing the keys it has; None if all present."""
+    for key in keys:
+        if key not in record:
+            present = ", ".join(repr(k) for k in record) or "none"
+            return f"missing key '{key}' (keys present: {present})"
+    return None
 
 
 def _jsonl_records(data: bytes, name: str) -> Iterator[tuple[int, dict | BadRow]]:

@@ -32,6 +32,16 @@ def _block_generator(seed: int, block: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed) % 2**64, _STREAM_TAG, block])))
 
 
+def _take_liked(rng: np.random.Generator, desirable_ratio: float) -> np.ndarray:
+    """The class of each of a block's draws (True = liked, probability γ): the first BLOCK numbers of its generator."""
+    return rng.random(BLOCK) < desirable_ratio
+
+
+def liked_draws(seed: int, block: int, desirable_ratio: float) -> np.ndarray:
+    """Whether each draw of block `block` is liked: the same classes as `DesirableSampler`, without its rows."""
+    return _take_liked(_block_generator(seed, block), desirable_ratio)
+
+
 class DesirableSampler(torch.utils.data.Sampler):
     """Infinite γ-sampler (§4.2) yielding (row_index, draw_id) for this rank, one batch_size slice per step."""
 
@@ -71,7 +81,7 @@ class DesirableSampler(torch.utils.data.Sampler):
         if self._cached is not None and self._cached[0] == b:
             return self._cached[1]
         rng = _block_generator(self.seed, b)
-        take_liked = rng.random(BLOCK) < self.desirable_ratio
+        take_liked = _take_liked(rng, self.desirable_ratio)
         liked_pick = rng.integers(0, max(len(self.liked), 1), BLOCK)
         disliked_pick = rng.integers(0, max(len(self.disliked), 1), BLOCK)
         rows = np.empty(BLOCK, dtype=np.int64)

@@ -25,6 +25,9 @@ from ..data import (BadRow, DesirableSampler, FeedbackDataset, FeedbackSummary, 
 from ..data.bad_rows import SKIPPED_ROWS_FILE, write_skipped_rows
 from ..data.baselines import PairDataset, collate_pairs, csft_prompt
 from ..data.convert import feedback_to_pairs
+from ..data.feedback import FeedbackError, image_problem
+from ..data.shards import list_shards, read_shard
+from ..data.stream import StreamingFeedbackDataset, check_readers, collate_stream
 from ..models import DiffusionFamily, load_family
 from . import checkpoint
 from .metrics import MetricsFile, postfix
@@ -102,6 +105,21 @@ def write_data_report(cfg: Config, screened: Screened, out: Path) -> None:
     (out / "data_summary.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
+def open_stream(cfg: Config) -> list[Path]:
+    """The shards named by ``data.path`` (data.streaming), their first row read and its image checked."""
+    if cfg.data.path is None:
+        raise ConfigError("data.path: no shards given (a folder of .tar / .parquet shards, a glob, or train-{000..009}.tar)")
+    shards = list_shards(cfg.data.path)
+    columns = (cfg.data.image_column, cfg.data.prompt_column, cfg.data.label_column)
+    first = next(read_shard(shards[0], columns), None)
+    if first is None:
+        raise FeedbackError(f"{shards[0]}: shard holds no feedback rows")
+    problem = image_problem(first)
+    if problem:
+        raise FeedbackError(f"{first.where}: {problem}")
+    return shards
+
+
 class DiffusionKTOTrainer:
     """Trains a model family with Diffusion-KTO (or a baseline) from one :class:`Config`."""
 
@@ -112,8 +130,9 @@ class DiffusionKTOTrainer:
 
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
-        self.screened = load_feedback(cfg) if rows is None else None
-        self.rows = rows if rows is not None else self.screened.rows
+        self.shards = open_stream(cfg) if cfg.data.streaming else None
+        self.screened = load_feedback(cfg) if rows is None and self.shards is None else None
+        self.rows = rows if rows is not None or self.shards is not None else self.screened.rows
         check_output_dir(cfg)
         report_to = None if cfg.log.report_to == "none" else cfg.log.report_to
         _require_tracker(report_to)
@@ -125,6 +144,8 @@ class DiffusionKTOTrainer:
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
         )
         _require_data_parallel(self.accelerator)
+        if self.shards:
+            check_readers(len(self.shards), self.accelerator.num_processes * max(cfg.data.num_workers, 1), cfg.data.path)
         self.weight_dtype = _DTYPES[cfg.train.mixed_precision]
         set_seed(cfg.train.seed)  # LoRA initialisation draws from the global RNGs
         self.family = family or load_family(cfg, weight_dtype=self.weight_dtype, device=self.accelerator.device,
@@ -136,6 +157,9 @@ class DiffusionKTOTrainer:
         self.step = 0
         self.skipped = 0
         self._consecutive_bad = 0
+        self.stream_cursors: dict[str, list[int]] = {}  # data.streaming: reader -> cursor after its last used batch
+        self.stream_readers: int | None = None
+        self._stream_resume: dict | None = None
         self.metrics_file = MetricsFile(self.out / "metrics.jsonl", enabled=self.accelerator.is_main_process)
 
     # ---------------------------------------------------------------------------------------- setup
@@ -174,23 +198,32 @@ class DiffusionKTOTrainer:
         cfg, acc = self.cfg, self.accelerator
         transform = dict(resolution=cfg.data.resolution, center_crop=cfg.data.center_crop,
                          random_flip=cfg.data.random_flip, caption_dropout=cfg.data.caption_dropout, seed=cfg.train.seed)
-        if cfg.loss.name == "dpo":
-            pairs = feedback_to_pairs(self.rows, cfg.data.max_pairs_per_prompt, seed=cfg.train.seed)
-            dataset, collate_fn = PairDataset(pairs, **transform), collate_pairs
-            desirable, ratio = [True] * len(pairs), 1.0  # pairs are drawn uniformly
+        ratio = 1.0 if cfg.loss.name == "sft" else cfg.data.desirable_ratio  # sft sees liked rows only
+        sampler = None
+        if self.shards:
+            dataset, collate_fn = StreamingFeedbackDataset(
+                self.shards, desirable_ratio=ratio, buffer_size=cfg.data.stream_buffer, batch_size=cfg.train.batch_size,
+                rank=acc.process_index, world_size=acc.num_processes, start_step=start_micro_step,
+                resume=self._stream_resume, source=cfg.data.path,
+                columns=(cfg.data.image_column, cfg.data.prompt_column, cfg.data.label_column), **transform,
+            ), collate_stream
         else:
-            dataset, collate_fn = FeedbackDataset(self.rows, **transform), collate
-            desirable = [r.desirable for r in self.rows]
-            ratio = 1.0 if cfg.loss.name == "sft" else cfg.data.desirable_ratio  # sft sees liked rows only
-        sampler = DesirableSampler(
-            desirable,
-            ratio,
-            seed=cfg.train.seed,
-            batch_size=cfg.train.batch_size,
-            rank=acc.process_index,
-            world_size=acc.num_processes,
-            start_step=start_micro_step,
-        )
+            if cfg.loss.name == "dpo":
+                pairs = feedback_to_pairs(self.rows, cfg.data.max_pairs_per_prompt, seed=cfg.train.seed)
+                dataset, collate_fn = PairDataset(pairs, **transform), collate_pairs
+                desirable, ratio = [True] * len(pairs), 1.0  # pairs are drawn uniformly
+            else:
+                dataset, collate_fn = FeedbackDataset(self.rows, **transform), collate
+                desirable = [r.desirable for r in self.rows]
+            sampler = DesirableSampler(
+                desirable,
+                ratio,
+                seed=cfg.train.seed,
+                batch_size=cfg.train.batch_size,
+                rank=acc.process_index,
+                world_size=acc.num_processes,
+                start_step=start_micro_step,
+            )
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=cfg.train.batch_size,
@@ -200,6 +233,34 @@ class DiffusionKTOTrainer:
             pin_memory=acc.device.type == "cuda",
             persistent_workers=cfg.data.num_workers > 0,
         )
+
+    def _note_stream(self, batch: dict[str, Any]) -> None:
+        """Remember where the reader of a streamed batch stood after it (for the checkpoint)."""
+        if "stream" in batch:
+            reader, readers, *cursor = batch["stream"]
+            self.stream_cursors[str(reader)] = [int(c) for c in cursor]
+            self.stream_readers = int(readers)
+
+    def _keep_stream_cursors(self, state: dict | None, path: Path) -> None:
+        """Start from the resumed cursors of this process's readers, so a reader that makes no batch before the next
+        checkpoint keeps its position there (a warning when the reader layout changed)."""
+        workers, acc = max(self.cfg.data.num_workers, 1), self.accelerator
+        _warn_stream_layout(state, acc.num_processes * workers, path)
+        if state and state.get("readers") == acc.num_processes * workers:
+            mine = {str(acc.process_index * workers + w) for w in range(workers)}
+            self.stream_cursors = {k: list(v) for k, v in state["cursors"].items() if k in mine}
+            self.stream_readers = state["readers"]
+
+    def _stream_state(self) -> dict | None:
+        """The readers' cursors of every process (a collective call: every process must make it)."""
+        if not self.shards:
+            return None
+        from accelerate.utils import gather_object
+
+        cursors: dict[str, list[int]] = {}
+        for part in gather_object([self.stream_cursors]):
+            cursors.update(part)
+        return {"readers": self.stream_readers, "cursors": cursors}
 
     # ---------------------------------------------------------------------------------------- one step
 
@@ -301,7 +362,9 @@ class DiffusionKTOTrainer:
         while self.step < cfg.train.max_steps:
             for _ in range(cfg.train.grad_accum):
                 with acc.accumulate(unet):
-                    result = self.train_step(next(loader))
+                    batch = next(loader)
+                    self._note_stream(batch)
+                    result = self.train_step(batch)
                     stepped = self._optimizer_step(result)
                 window.append(result.metrics)
             if not stepped:
@@ -376,7 +439,7 @@ class DiffusionKTOTrainer:
     def save_checkpoint(self) -> Path | None:
         """Write a resumable checkpoint (main process), atomically; every process waits for it."""
         acc = self.accelerator
-        path = None
+        path, stream = None, self._stream_state()
         if acc.is_main_process:
             path = checkpoint.save_checkpoint(
                 self.out / "checkpoints",
@@ -384,7 +447,7 @@ class DiffusionKTOTrainer:
                 weights=self.family.trainable_state(),
                 optimizer=self.optimizer.state_dict(),
                 scheduler={"lr_scheduler": self.lr_scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
-                state={"step": self.step, "skipped": self.skipped},
+                state={"step": self.step, "skipped": self.skipped, **({"stream": stream} if stream else {})},
                 config=to_dict(self.cfg),
                 keep=self.cfg.train.keep_checkpoints,
             )
@@ -404,6 +467,9 @@ class DiffusionKTOTrainer:
         torch.set_rng_state(state["scheduler"]["torch_rng"])
         self.step = int(state["state"]["step"])
         self.skipped = int(state["state"].get("skipped", 0))
+        self._stream_resume = state["state"].get("stream")
+        if self.shards:
+            self._keep_stream_cursors(self._stream_resume, path)
         if self.accelerator.is_main_process:
             print(f"resumed from {path} at step {self.step}")
 
@@ -452,6 +518,15 @@ def _kto_metrics(rewards: torch.Tensor, desirable: torch.Tensor, kl: torch.Tenso
         "accuracy": accuracy.item(),
         "ref_err": errs["ref_err"].mean().item(),
     }
+
+
+def _warn_stream_layout(state: dict | None, readers: int, path: Path) -> None:
+    """Say when a resumed stream cannot continue each reader where it stood (see data/stream.py)."""
+    if not state or not state.get("cursors"):
+        log.warning("%s holds no stream position: the stream starts again from its first rows", path)
+    elif state.get("readers") != readers:
+        log.warning("%s was written with %s stream readers, now %d (processes x data.num_workers): every reader "
+                    "starts at the beginning of the earliest recorded epoch", path, state.get("readers"), readers)
 
 
 def _require_data_parallel(accelerator) -> None:
