@@ -294,6 +294,7 @@ def _add_bench(sub) -> None:
     utility.add_argument("--seed", type=int, default=0)
     utility.add_argument("--beta", type=float, default=None,
                          help="one beta for every utility (default: set from the SFT fine-tune, see points2d)")
+    utility.add_argument("--gamma", type=float, default=0.8, help="share of liked points in a batch (paper: 0.8)")
     utility.set_defaults(func=_run_bench_utility2d)
 
 
@@ -310,9 +311,10 @@ def _run_bench_utility2d(args) -> int:
 
     from .toy.points2d import Recipe2D, run
 
-    command = f"dkto bench utility2d --out {args.out} --seed {args.seed}" + (
+    command = f"dkto bench utility2d --out {args.out} --seed {args.seed} --gamma {args.gamma:g}" + (
         f" --beta {args.beta:g}" if args.beta is not None else "")
-    results = run(args.out, Recipe2D(seed=args.seed, beta=args.beta), command=command)
+    recipe = Recipe2D(seed=args.seed, beta=args.beta, desirable_ratio=args.gamma)
+    results = run(args.out, recipe, command=command)
     headline = {k: {m: v for m, v in results[k].items() if m not in ("trace", "last")} for k in results
                 if not k.startswith("_")}
     print(json.dumps({**headline, "beta": results["_beta"], "seconds": results["_seconds"]}, indent=1))

@@ -56,4 +56,5 @@ def test_summarise_keeps_finite_points_and_reports_shares():
     pts = np.array([[0.3, 0.8], [0.3, 0.8], [np.nan, 0.0], [50.0, 50.0]])
     row = summarise(pts)
     assert row["finite_share"] == 0.75 and row["in_window_share"] == 0.5
+    assert abs(row["spread"] - np.sqrt(np.array([[0.3, 0.8], [0.3, 0.8], [50.0, 50.0]]).var(0).mean())) < 1e-9
     assert summarise(np.full((2, 2), np.nan))["mean_x"] is None

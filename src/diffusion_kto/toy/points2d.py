@@ -181,14 +181,16 @@ def sample(model: nn.Module, recipe: Recipe2D) -> np.ndarray:
 
 
 def summarise(points: np.ndarray) -> dict[str, float | None]:
-    """Mean of the finite samples, its distances to the liked and disliked means, and the finite / in-window shares."""
+    """Mean and spread (rms std per axis) of the finite samples, the mean's distances to the liked and disliked
+    means, and the finite / in-window shares (§6, Fig. 6)."""
     finite = np.isfinite(points).all(axis=1)
     inside = finite & ((points >= WINDOW[0]) & (points <= WINDOW[1])).all(axis=1)
     row: dict[str, float | None] = {"finite_share": float(finite.mean()), "in_window_share": float(inside.mean())}
     if not finite.any():
-        return {**row, "mean_x": None, "mean_y": None, "dist_to_liked": None, "dist_to_disliked": None}
+        return {**row, "mean_x": None, "mean_y": None, "spread": None, "dist_to_liked": None, "dist_to_disliked": None}
     mean = points[finite].mean(0)
     return {**row, "mean_x": float(mean[0]), "mean_y": float(mean[1]),
+            "spread": float(np.sqrt(points[finite].var(0).mean())),
             "dist_to_liked": float(np.linalg.norm(mean - LIKED_MEAN)),
             "dist_to_disliked": float(np.linalg.norm(mean - DISLIKED_MEAN))}
 
@@ -232,15 +234,15 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def _row(name: str, res: dict) -> list[str]:
-    """One table row: mean, distances, shares, blow-up step and the last traced magnitudes."""
+    """One table row: mean, spread, distances, shares, blow-up step and the last traced magnitudes."""
     mean = "-" if res["mean_x"] is None else f"({res['mean_x']:.3g}, {res['mean_y']:.3g})"
     last = res.get("last", {})
-    return [name, mean, _fmt(res["dist_to_liked"]), _fmt(res["dist_to_disliked"]), _fmt(res["finite_share"]),
-            _fmt(res["in_window_share"]), _fmt(res.get("blowup_step")), _fmt(last.get("q_ref")),
+    return [name, mean, _fmt(res["spread"]), _fmt(res["dist_to_liked"]), _fmt(res["dist_to_disliked"]),
+            _fmt(res["finite_share"]), _fmt(res["in_window_share"]), _fmt(res.get("blowup_step")), _fmt(last.get("q_ref")),
             _fmt(last.get("median_abs_g")), _fmt(last.get("median_abs_z")), _fmt(last.get("saturated_share"))]
 
 
-HEADER = ["method", "sample mean", "dist to liked", "dist to disliked", "finite share", "in-window share",
+HEADER = ["method", "sample mean", "spread", "dist to liked", "dist to disliked", "finite share", "in-window share",
           f"blow-up step (err > {BLOWUP_FACTOR:g}x ref)", "last Q_ref", "last median abs g", "last median abs z",
           "last share abs z > 5"]
 
@@ -257,6 +259,7 @@ def markdown(results: dict, command: str) -> str:
             "recipe": {k: v for k, v in results["_recipe"].items() if k != "beta"}}
     notes = ["g = ref_err - policy_err per sample (losses.implicit_reward); z = beta (g - Q_ref), the argument of U.",
              "Q_ref = max(0, batch mean of g): the model is unconditional, so the 'unrelated pairs' are the batch.",
+             "Spread: rms of the per-axis std of the finite samples (pretraining data 0.2, liked and disliked 0.1).",
              f"Distances are from the mean of the finite samples; in-window = inside the plotted square {WINDOW}.",
              "Blow-up step: the first traced step (every recipe.trace_every) whose batch denoising error is "
              f"over {BLOWUP_FACTOR:g} times the reference's, or not finite."]
