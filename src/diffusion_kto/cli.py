@@ -319,6 +319,9 @@ def _add_bench(sub) -> None:
     utility = bench.add_parser("utility2d", help="the paper's 2-D utility-function experiment (§6, Fig. 6)")
     utility.add_argument("--out", default="runs/utility2d")
     utility.add_argument("--seed", type=int, default=0)
+    utility.add_argument("--beta", type=float, default=None,
+                         help="one beta for every utility (default: set from the SFT fine-tune, see points2d)")
+    utility.add_argument("--gamma", type=float, default=0.8, help="share of liked points in a batch (paper: 0.8)")
     utility.set_defaults(func=_run_bench_utility2d)
 
 
@@ -335,8 +338,14 @@ def _run_bench_utility2d(args) -> int:
 
     from .toy.points2d import Recipe2D, run
 
-    results = run(args.out, Recipe2D(seed=args.seed))
-    print(json.dumps({k: v for k, v in results.items() if not k.startswith("_recipe")}, indent=1))
+    command = f"dkto bench utility2d --out {args.out} --seed {args.seed} --gamma {args.gamma:g}" + (
+        f" --beta {args.beta:g}" if args.beta is not None else "")
+    recipe = Recipe2D(seed=args.seed, beta=args.beta, desirable_ratio=args.gamma)
+    results = run(args.out, recipe, command=command)
+    headline = {k: {m: v for m, v in results[k].items() if m not in ("trace", "last")} for k in results
+                if not k.startswith("_")}
+    print(json.dumps({**headline, "beta": results["_beta"], "seconds": results["_seconds"]}, indent=1))
+    print(f"wrote {Path(args.out) / 'utility2d.md'}, utility2d.png and utility2d.json")
     return 0
 
 
