@@ -77,6 +77,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--budget", type=int, default=1024, help="feedback images to generate and judge")
     p.add_argument("--model", default="toy", help="base pipeline (default: the shipped shapes-world model)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threshold", type=float, default=None, help="liked = judge score >= threshold (default 0.85)")
     p.add_argument("--label-noise", type=float, default=0.0, help="probability of flipping each label")
     p.add_argument("--groups", type=int, default=8, help="seed groups per held-out prompt in the evaluation")
     p.add_argument("--config", default=None, help="training config (default: configs/toy-kto.yaml)")
@@ -88,6 +89,7 @@ def _run_demo(args) -> int:
     from .toy.demo import CONFIG, DemoSettings, run_demo
 
     settings = DemoSettings(out=Path(args.out), model=args.model, judge=args.judge, budget=args.budget, seed=args.seed,
+                            threshold=DemoSettings.threshold if args.threshold is None else args.threshold,
                             label_noise=args.label_noise, groups_per_prompt=args.groups,
                             config=Path(args.config) if args.config else CONFIG, overrides=tuple(args.overrides))
     run_demo(settings)

@@ -37,7 +37,10 @@ class DemoSettings:
     judge: str = judges.DEFAULT_JUDGE
     budget: int = 1024  # feedback images generated and judged
     seed: int = 0
-    threshold: float = 0.5  # liked = score >= threshold
+    # liked = score >= threshold. A strict person: 0.85 likes only faithful, clean, centred images (about 30% of the
+    # base's feedback images, 23% of its held-out ones). At 0.5 the liked class kept many grainy images and the
+    # aligned model won only 60% of comparisons (README, commit 0dc068a).
+    threshold: float = 0.85
     label_noise: float = 0.0  # probability of flipping a label (inconsistent people)
     images_per_prompt: int = 5  # N of the paper's median-of-N protocol
     groups_per_prompt: int = 8  # independent seed groups per held-out prompt: comparisons = prompts x groups
