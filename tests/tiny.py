@@ -92,3 +92,8 @@ def tiny_overrides(pipe: Path, data: Path, out: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def logged_metrics(path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl without data_wait_ms, the one wall-clock metric (differs run to run)."""
+    return [{k: v for k, v in json.loads(line).items() if k != "data_wait_ms"} for line in path.read_text().splitlines()]

@@ -26,6 +26,38 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
+def _add_cache(sub) -> None:
+    p = sub.add_parser(
+        "cache",
+        help="precompute VAE latents (and text embeddings) of a feedback set, for data.cache=DIR",
+        description="Example: dkto cache --config configs/sd15-kto-lora.yaml data.path=feedback.jsonl --out cache/fox; "
+                    "then dkto train ... data.cache=cache/fox. Uses data.resolution, data.random_flip (both "
+                    "flips are cached), data.caption_dropout and loss.name (the prompts to embed) and model.*.",
+    )
+    p.add_argument("--config", help="YAML run config: the one you will train with")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.path=...")
+    p.add_argument("--out", default=None, help="cache folder (default: data.cache of the config)")
+    p.add_argument("--no-text", action="store_true", help="cache latents only; the text encoder runs while training")
+    p.add_argument("--shard-size", type=int, default=1024, help="images (prompts) per safetensors shard")
+    p.add_argument("--batch-size", type=int, default=16, help="images per VAE batch")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
+    p.set_defaults(func=_run_cache)
+
+
+def _run_cache(args) -> int:
+    from .config import ConfigError, load_config
+    from .train.precompute import build_cache
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or cfg.data.cache
+    if out is None:
+        raise ConfigError("dkto cache needs --out DIR (or data.cache=DIR)")
+    manifest = build_cache(cfg, out, text=not args.no_text, overwrite=args.overwrite, shard_size=args.shard_size,
+                           batch_size=args.batch_size, progress=lambda line: print(line, file=sys.stderr))
+    print(f"wrote {manifest}; train with data.cache={out}")
+    return 0
+
+
 def _add_check_config(sub) -> None:
     p = sub.add_parser("check-config", help="validate a config and print the resolved values (loads no model)")
     p.add_argument("--config")
@@ -103,7 +135,8 @@ def _run_train(args) -> int:
     result = DiffusionKTOTrainer(cfg).train()
     if not result.main_process:
         return 0
-    print(f"trained {result.steps} steps in {result.seconds:.1f}s ({result.images_per_second:.2f} images/s)")
+    print(f"trained {result.steps} steps in {result.seconds:.1f}s ({result.images_per_second:.2f} images/s, "
+          f"{result.data_wait_seconds:.1f}s waiting on data)")
     for path in result.exported:
         print(f"exported {path}")
     return 0
@@ -337,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `dkto` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="dkto", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_check_config, _add_sample, _add_demo, _add_toy, _add_convert, _add_eval, _add_bench):
+    for add in (_add_train, _add_cache, _add_check_config, _add_sample, _add_demo, _add_toy, _add_convert, _add_eval, _add_bench):
         add(sub)
     return parser
 

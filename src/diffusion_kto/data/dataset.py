@@ -27,8 +27,12 @@ class FeedbackDataset(torch.utils.data.Dataset):
         random_flip: bool = True,
         caption_dropout: float = 0.0,
         seed: int = 0,
+        cache=None,
     ):
-        """Keep the rows and the transform settings (caption_dropout: probability of replacing the prompt by "")."""
+        """Keep the rows and the transform settings (caption_dropout: probability of replacing the prompt by "").
+
+        With a :class:`~diffusion_kto.data.cache.LatentCache`, items carry the cached VAE posterior
+        ("latent_mean", "latent_std") of the draw's flip variant instead of "pixel_values"."""
         if int(resolution) < 1:
             raise ValueError(f"resolution must be >= 1, got {resolution}")
         if not (math.isfinite(caption_dropout) and 0.0 <= caption_dropout <= 1.0):
@@ -39,6 +43,8 @@ class FeedbackDataset(torch.utils.data.Dataset):
         self.random_flip = bool(random_flip)
         self.caption_dropout = float(caption_dropout)
         self.seed = int(seed)
+        self.cache = cache
+        self.keys = cache.image_keys(self.rows) if cache is not None else None
 
     def __len__(self) -> int:
         """Number of feedback rows."""
@@ -51,16 +57,23 @@ class FeedbackDataset(torch.utils.data.Dataset):
             raise IndexError(f"row index {index} out of range for {len(self.rows)} feedback rows")
         row = self.rows[index]
         choices = draw_choices(self.seed, draw_id, self.caption_dropout)
-        pixels = transform_image(
-            load_image(row), self.resolution, choices, center_crop=self.center_crop, random_flip=self.random_flip
-        )
         return {
-            "pixel_values": pixels,
+            **self._image(index, choices),
             "prompt": transform_caption(row.prompt, choices),
             "desirable": row.desirable,
             "row": index,
             "draw_id": draw_id,
         }
+
+
+    def _image(self, index: int, choices) -> dict:
+        """{"pixel_values": (3, R, R)}, or the cached {"latent_mean", "latent_std"}: (C, h, w) each."""
+        if self.cache is not None:
+            mean, std = self.cache.latents(self.keys[index], flip=self.random_flip and choices.flip)
+            return {"latent_mean": mean, "latent_std": std}
+        pixels = transform_image(load_image(self.rows[index]), self.resolution, choices,
+                                 center_crop=self.center_crop, random_flip=self.random_flip)
+        return {"pixel_values": pixels}
 
 
 def _split_key(key: tuple[int, int] | int) -> tuple[int, int]:
@@ -75,11 +88,13 @@ def _split_key(key: tuple[int, int] | int) -> tuple[int, int]:
 
 
 def collate(batch: Sequence[dict]) -> dict:
-    """Stack items: {"pixel_values": (B,3,R,R), "prompts", "desirable": bool (B,), "rows", "draw_ids": (B,)}."""
+    """Stack items: {"pixel_values": (B,3,R,R) or "latent_mean"/"latent_std": (B,C,h,w), "prompts",
+    "desirable": bool (B,), "rows", "draw_ids": (B,)}."""
     if not batch:
         raise ValueError("cannot collate an empty batch")
+    images = [k for k in ("pixel_values", "latent_mean", "latent_std") if k in batch[0]]
     return {
-        "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
+        **{k: torch.stack([item[k] for item in batch]) for k in images},
         "prompts": [item["prompt"] for item in batch],
         "desirable": torch.tensor([bool(item["desirable"]) for item in batch], dtype=torch.bool),
         "rows": torch.tensor([int(item["row"]) for item in batch], dtype=torch.long),
