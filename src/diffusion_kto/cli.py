@@ -296,7 +296,7 @@ def _add_bench(sub) -> None:
     bench = p.add_subparsers(dest="bench_command", required=True)
     step = bench.add_parser(
         "step",
-        help="median step time and peak memory of sft, kto (matched) and kto (mismatched), LoRA and full, as JSON",
+        help="median step time and peak memory of sft, kto (matched, mismatched, amortized), LoRA and full, as JSON",
         description="Example: dkto bench step --threads 1 --repeats 3 --out benchmarks/results/step.json",
     )
     step.add_argument("--model", default="toy", help="hub id, local diffusers folder, or 'toy' (the shipped model)")
@@ -309,6 +309,8 @@ def _add_bench(sub) -> None:
     step.add_argument("--repeats", type=int, default=1, help="rounds over all modes (times pooled)")
     step.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker")
     step.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
+    step.add_argument("--end-to-end", action="store_true",
+                      help="also time whole `dkto train` runs (loading, encoding, logging) without and with data.cache")
     step.add_argument("--out", default=None, help="also write the JSON here")
     step.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every mode")
     step.set_defaults(func=_run_bench_step)
@@ -355,7 +357,7 @@ def _run_bench_step(args) -> int:
         model=args.model, batch_size=args.batch_size, resolution=args.resolution,
         adapters=tuple(a.strip() for a in args.adapters.split(",") if a.strip()), lora_rank=args.lora_rank,
         steps=args.steps, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
-        mixed_precision=args.mixed_precision, overrides=tuple(args.overrides),
+        mixed_precision=args.mixed_precision, overrides=tuple(args.overrides), end_to_end=args.end_to_end,
     )
     report = bench_step(settings, progress=lambda line: print(line, file=sys.stderr))
     text = json.dumps(report, indent=2)
