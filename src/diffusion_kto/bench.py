@@ -14,8 +14,10 @@ follows the live tensors rather than the allocator's cache. ``train_mb`` is that
 gradients, batches and activations.
 
 ``kto_amortized`` is the paper's mismatched reference point estimated every ``AMORTIZED_EVERY`` micro-steps
-(running mean in between, ``loss.reference_decay``): its steps alternate between dear and cheap, so its time is
-the median over windows of that many consecutive steps (each holds exactly one estimate), not over single steps.
+(running mean in between, ``loss.reference_decay``): one step in k is dear (it estimates Q_ref), the others are
+cheap, so its time is (median of the dear steps + (k - 1) x median of the cheap ones) / k (the same for the
+quartiles): the per-step cost averaged over a period, with the same robustness to the shared machine's spikes as
+the plain medians of the other modes (a mean over windows of k steps would pick up every spike).
 
 ``--end-to-end`` times whole ``dkto train`` runs instead (subprocesses: model loading, data loading and decoding,
 encoding, logging and export included) without and with ``data.cache``, and reports trained images per second
@@ -222,20 +224,31 @@ def _spawn(overrides: list[str], warmup: int, steps: int, threads: int | None, m
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def window_means(step_ms: list[float], k: int) -> list[float]:
-    """Means of consecutive windows of k step times (k = 1: the steps themselves); a partial last window is dropped."""
-    return [sum(step_ms[i:i + k]) / k for i in range(0, len(step_ms) - k + 1, k)]
+def _quartiles(times: list[float]) -> list[float]:
+    """q1, median, q3 of step times (one time: itself three times)."""
+    return statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
 
 
-def _summary(timed: list[dict], memory: dict, every: int = 1) -> dict:
-    """Median and quartiles of the pooled step times (window means of ``every`` steps); memory from the memory run."""
-    times = sorted(t for r in timed for t in window_means(r["step_ms"], every))
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+def phase_quartiles(timed: list[dict], every: int, first: int) -> list[float]:
+    """q1, median, q3 of the pooled step times; with every = k > 1, (dear + (k - 1) cheap) / k of each quartile.
+
+    Timed step j of a run is micro-step first + j; it is dear (estimates Q_ref) when that is a multiple of k."""
+    if every == 1:
+        return _quartiles([t for r in timed for t in r["step_ms"]])
+    phases = [[t for r in timed for j, t in enumerate(r["step_ms"]) if ((first + j) % every == 0) == dear]
+              for dear in (True, False)]
+    dear, cheap = (_quartiles(p) for p in phases)
+    return [(d + (every - 1) * c) / every for d, c in zip(dear, cheap)]
+
+
+def _summary(timed: list[dict], memory: dict, every: int = 1, first: int = 0) -> dict:
+    """Median and quartiles of the pooled step times (per period of ``every`` steps); memory from the memory run."""
+    q = phase_quartiles(timed, every, first)
     return {
-        "step_ms_median": round(statistics.median(times), 3),
+        "step_ms_median": round(q[1], 3),
         "step_ms_q1": round(q[0], 3),
         "step_ms_q3": round(q[2], 3),
-        "timed_steps": len(times),
+        "timed_steps": sum(len(r["step_ms"]) for r in timed),
         "peak_mb": round(memory["peak_mb"], 1),
         "train_mb": round(memory["train_mb"], 1),
         "weights_mb": round(memory["weights_mb"], 1),
@@ -313,7 +326,7 @@ def bench_step(s: BenchSettings, progress=None) -> dict:
         for adapter, loss in modes:
             memory[(adapter, loss)] = run(adapter, loss, "memory", s.memory_steps, True)
     every = {loss: o.get("loss.reference_every", 1) for loss, o in LOSSES.items()}
-    results = {a: {loss: _summary(timed[(a, loss)], memory[(a, loss)], every[loss]) for loss in LOSSES}
+    results = {a: {loss: _summary(timed[(a, loss)], memory[(a, loss)], every[loss], s.warmup) for loss in LOSSES}
                for a in s.adapters}
     rat = ratios(results)
     first = memory[modes[0]]
