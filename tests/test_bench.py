@@ -49,12 +49,12 @@ def test_amortized_times_combine_dear_and_cheap_steps():
 
 
 def test_end_to_end_reports_images_per_second_with_and_without_cache(tiny_sd):
-    s = bench.BenchSettings(model=str(tiny_sd), batch_size=2, steps=2, warmup=0, threads=1)
+    s = bench.BenchSettings(model=str(tiny_sd), batch_size=2, steps=4, warmup=0, threads=1)
     report = bench.bench_end_to_end(s, rows=6)
     for mode in ("no_cache", "cache"):
         assert report[mode]["images_per_s"] > 0 and report[mode]["command_images_per_s"] > 0
         assert 0 <= report[mode]["data_wait_share"] < 1
-    assert report["images_per_run"] == 4 and report["cache_build_s"] > 0 and report["cache_speedup"] > 0
+    assert report["images_per_run"] == 8 and report["cache_build_s"] > 0 and report["cache_speedup"] > 0
 
 
 def test_bad_settings_are_config_errors():
@@ -66,7 +66,7 @@ def test_bad_settings_are_config_errors():
 
 @pytest.mark.slow
 def test_bench_step_end_to_end(tiny_sd):
-    report = bench.bench_step(bench.BenchSettings(model=str(tiny_sd), adapters=("lora",), steps=2, warmup=1, threads=1))
+    report = bench.bench_step(bench.BenchSettings(model=str(tiny_sd), adapters=("lora",), steps=4, warmup=1, threads=1))
     assert set(report["results"]["lora"]) == {"sft", "kto_matched", "kto_mismatched", "kto_amortized"}
     assert set(report["targets"]) == {f"lora.{kind}.kto_{mode}" for kind in ("time", "peak_mem")
                                       for mode in ("matched", "mismatched", "amortized")}

@@ -19,9 +19,12 @@ from diffusion_kto.models import load_family
 from diffusion_kto.train import DiffusionKTOTrainer
 from diffusion_kto.train.precompute import build_cache
 
-# cached and uncached runs differ only in how the VAE batches its convolutions (all images of the cache at once,
-# or the B images of a step); on CPU in fp32 that changes the last bits of the latents (ATOL on latents and
-# weights). The losses see those differences through beta = 100 and the sigmoid's slope 1/4: LOSS_ATOL = 25 ATOL.
+# cached and uncached runs differ only in how the encoders batch their work (all images of the cache at once, or
+# the B images of a step); on CPU in fp32 that changes the last bits of the O(1) latents and embeddings
+# (LATENT_ATOL, seen up to 1.2e-6 with several threads). The weights after 3 steps agree to ATOL (Adam's
+# normalised steps barely see those bits); the losses see them through beta = 100 and the sigmoid's slope 1/4:
+# LOSS_ATOL = 25 ATOL.
+LATENT_ATOL = 1e-5
 ATOL = 1e-6
 LOSS_ATOL = 25 * ATOL
 
@@ -53,10 +56,10 @@ def test_round_trip_latents_and_text(tiny_sd, feedback, cache_dir):
             mean, std = family.latent_moments(pixels[None])
             got_mean, got_std = cache.latents(key, flip)
             assert got_mean.shape == (4, 8, 8) and got_std.shape == (4, 8, 8)
-            torch.testing.assert_close(got_mean, mean[0], atol=ATOL, rtol=0)
-            torch.testing.assert_close(got_std, std[0], atol=ATOL, rtol=0)
+            torch.testing.assert_close(got_mean, mean[0], atol=LATENT_ATOL, rtol=0)
+            torch.testing.assert_close(got_std, std[0], atol=LATENT_ATOL, rtol=0)
     prompts = [rows[0].prompt, "", rows[1].prompt]
-    torch.testing.assert_close(cache.text(prompts), family.encode_prompts(prompts), atol=ATOL, rtol=0)
+    torch.testing.assert_close(cache.text(prompts), family.encode_prompts(prompts), atol=LATENT_ATOL, rtol=0)
     shard = load_file(str(cache_dir / "latents-00000.safetensors"))
     assert shard["mean"].shape == (3, 2, 4, 8, 8) and shard["std"].dtype == torch.float32
 

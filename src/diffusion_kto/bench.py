@@ -292,8 +292,9 @@ def _check_settings(s: BenchSettings) -> None:
     """ConfigError for settings no benchmark can run with."""
     from .models import resolve_pretrained
 
-    if s.steps < 1 or s.warmup < 0 or s.repeats < 1 or s.memory_steps < 1:
-        raise ConfigError("bench step needs steps >= 1, warmup >= 0, repeats >= 1 and memory_steps >= 1")
+    if s.steps < AMORTIZED_EVERY or s.warmup < 0 or s.repeats < 1 or s.memory_steps < 1:
+        raise ConfigError(f"bench step needs steps >= {AMORTIZED_EVERY} (kto_amortized estimates Q_ref on one step "
+                          f"in {AMORTIZED_EVERY}), warmup >= 0, repeats >= 1 and memory_steps >= 1")
     if not s.adapters or set(s.adapters) - {"lora", "full"}:
         raise ConfigError(f"bench step: adapters must be lora and/or full, got {', '.join(s.adapters) or 'none'}")
     if s.model == "toy" and not (Path(resolve_pretrained(s.model)) / "model_index.json").is_file():
