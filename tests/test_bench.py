@@ -37,6 +37,26 @@ def test_ratios_and_targets():
     assert checks["lora.peak_mem.kto_matched"]["met"] and not checks["lora.peak_mem.kto_mismatched"]["met"]
 
 
+def test_amortized_times_combine_dear_and_cheap_steps():
+    """Every 4th step is dear (10 ms), the others cheap (1 ms): per-step cost (10 + 3 x 1) / 4 = 3.25 ms, whatever
+    spikes hit single steps; the warm-up shifts which timed steps are dear."""
+    memory = {"peak_mb": 1, "train_mb": 1, "weights_mb": 1, "peak_rss_reset": True, "trainable_params": 1}
+    timed = [{"step_ms": [10, 1, 1, 1] * 3, "skipped_steps": 0}]
+    assert bench._summary(timed, memory, every=4)["step_ms_median"] == 3.25
+    assert bench._summary(timed, memory)["step_ms_median"] == 1
+    shifted = [{"step_ms": [1, 1, 1, 10] * 3, "skipped_steps": 0}]  # 1 warm-up step: timed step 3 is micro-step 4
+    assert bench._summary(shifted, memory, every=4, first=1)["step_ms_median"] == 3.25
+
+
+def test_end_to_end_reports_images_per_second_with_and_without_cache(tiny_sd):
+    s = bench.BenchSettings(model=str(tiny_sd), batch_size=2, steps=4, warmup=0, threads=1)
+    report = bench.bench_end_to_end(s, rows=6)
+    for mode in ("no_cache", "cache"):
+        assert report[mode]["images_per_s"] > 0 and report[mode]["command_images_per_s"] > 0
+        assert 0 <= report[mode]["data_wait_share"] < 1
+    assert report["images_per_run"] == 8 and report["cache_build_s"] > 0 and report["cache_speedup"] > 0
+
+
 def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError, match="adapters"):
         bench.bench_step(bench.BenchSettings(model="x", adapters=("qlora",)))
@@ -46,7 +66,7 @@ def test_bad_settings_are_config_errors():
 
 @pytest.mark.slow
 def test_bench_step_end_to_end(tiny_sd):
-    report = bench.bench_step(bench.BenchSettings(model=str(tiny_sd), adapters=("lora",), steps=2, warmup=1, threads=1))
-    assert set(report["results"]["lora"]) == {"sft", "kto_matched", "kto_mismatched"}
-    assert set(report["targets"]) == {"lora.time.kto_matched", "lora.time.kto_mismatched",
-                                      "lora.peak_mem.kto_matched", "lora.peak_mem.kto_mismatched"}
+    report = bench.bench_step(bench.BenchSettings(model=str(tiny_sd), adapters=("lora",), steps=4, warmup=1, threads=1))
+    assert set(report["results"]["lora"]) == {"sft", "kto_matched", "kto_mismatched", "kto_amortized"}
+    assert set(report["targets"]) == {f"lora.{kind}.kto_{mode}" for kind in ("time", "peak_mem")
+                                      for mode in ("matched", "mismatched", "amortized")}

@@ -128,3 +128,26 @@ def test_dpo_gradient_prefers_the_chosen_image():
     pl = torch.tensor([0.2], requires_grad=True)
     losses.dpo_loss(pw, pl, torch.tensor([0.2]), torch.tensor([0.2]), beta=100.0).losses.sum().backward()
     assert pw.grad.item() > 0 and pl.grad.item() < 0  # lower error on the chosen, higher on the rejected
+
+
+def test_running_reference_hand_values():
+    """m_n = d m_{n-1} + (1-d) q_n, value m_n / (1 - d^n): with d = 0.5, q = 2, 4, 1:
+    n=1: m = 1, value 1 / 0.5 = 2; n=2: m = 0.5 + 2 = 2.5, value 2.5 / 0.75 = 10/3 = (0.5*2 + 4) / 1.5;
+    n=3: m = 1.25 + 0.5 = 1.75, value 1.75 / 0.875 = 2 = (0.25*2 + 0.5*4 + 1) / 1.75."""
+    ref = None
+    for q, value, raw in ((2.0, 2.0, 1.0), (4.0, 10 / 3, 2.5), (1.0, 2.0, 1.75)):
+        ref = losses.running_reference(ref, torch.tensor(q), 0.5)
+        assert float(ref.value) == pytest.approx(value) and float(ref.raw) == pytest.approx(raw)
+    assert ref.count == 3
+
+
+def test_running_reference_decay_zero_is_the_newest_estimate():
+    ref = None
+    for q in (0.3, 0.0, 7.0):
+        ref = losses.running_reference(ref, torch.tensor(q), 0.0)
+        assert torch.equal(ref.value, torch.tensor(q))  # exactly: the paper's per-batch Q_ref
+
+
+def test_running_reference_rejects_decay_one():
+    with pytest.raises(ValueError, match="decay"):
+        losses.running_reference(None, torch.tensor(1.0), 1.0)

@@ -1,5 +1,4 @@
 """Crash safety: kill -9 a real training process right after a checkpoint, resume, and match an uninterrupted run."""
-import json
 import os
 import random
 import signal
@@ -10,7 +9,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from tiny import tiny_overrides
+from tiny import logged_metrics, tiny_overrides
 
 STEPS = 6
 
@@ -23,11 +22,7 @@ def _train(args, **kw):
 
 def _by_step(path):
     """The last logged metrics line of every step (a killed run may have logged steps past its checkpoint)."""
-    out = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        out[row["step"]] = row
-    return out
+    return {row["step"]: row for row in logged_metrics(path)}
 
 
 def test_kill_after_random_checkpoint_then_resume_matches(tiny_sd, feedback, tmp_path):

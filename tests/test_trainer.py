@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny import tiny_overrides
+from tiny import logged_metrics, tiny_overrides
 from diffusion_kto.config import ConfigError, load_config
 from diffusion_kto.train import DiffusionKTOTrainer
 
@@ -96,8 +96,7 @@ def test_resume_equals_uninterrupted(tiny_sd, feedback, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    la = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-    lb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    la, lb = (logged_metrics(tmp_path / run / "metrics.jsonl") for run in ("a", "b"))
     assert la[2:] == lb[2:]
 
 
@@ -201,3 +200,56 @@ def test_on_bad_row_error_is_the_default_and_names_every_row(tiny_sd, tmp_path):
         DiffusionKTOTrainer(cfg)
     assert all(f"feedback.jsonl:{i}: " in str(info.value) for i in range(2, 6))
     assert not out.exists()
+
+
+def _record_reference_passes(trainer):
+    """Wrap trainer._errors to record the size of each step's mismatched estimate (0: none this step)."""
+    sizes, real = [], trainer._errors
+
+    def errors(batch):
+        out = real(batch)
+        sizes.append(len(out.get("ref_err_mismatched", ())))
+        return out
+
+    trainer._errors = errors
+    return sizes
+
+
+def test_amortized_reference_every_k_and_fraction(tiny_sd, feedback, tmp_path):
+    """reference_every=2: fresh mismatched estimates on micro-steps 0, 2 only, on ceil(0.5 * 4) = 2 samples."""
+    cfg = load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "run", **{
+        "lora.rank": 2, "train.max_steps": 4, "loss.reference_every": 2, "loss.reference_fraction": 0.5,
+        "loss.reference_decay": 0.5}))
+    trainer = DiffusionKTOTrainer(cfg)
+    sizes = _record_reference_passes(trainer)
+    trainer.train()
+    assert sizes == [2, 0, 2, 0]
+    assert trainer.reference.count == 2
+
+
+def test_amortized_reference_resumes_exactly(tiny_sd, feedback, tmp_path):
+    """The running Q_ref and its clock are checkpointed: 4 straight steps == 3 + resume + 1 (bitwise on CPU)."""
+    common = {"lora.rank": 2, "train.checkpoint_every": 3, "loss.reference_every": 2, "loss.reference_decay": 0.5}
+    DiffusionKTOTrainer(load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "a", **common,
+                                                         **{"train.max_steps": 4}))).train()
+    DiffusionKTOTrainer(load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "b", **common,
+                                                         **{"train.max_steps": 3}))).train()
+    resumed = DiffusionKTOTrainer(load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "b", **common, **{
+        "train.max_steps": 4, "train.resume": "latest"})))
+    sizes = _record_reference_passes(resumed)
+    resumed.train()
+    assert sizes == [0]  # micro-step 3 reuses the restored estimate
+    a = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"loss.reference_point": "matched", "loss.reference_every": 2}, "mismatched reference point only"),
+    ({"loss.reference_fraction": 0.25}, "fewer than 2"),
+    ({"loss.reference_decay": 1.0}, "reference_decay"),
+])
+def test_amortized_reference_config_errors(tmp_path, bad, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [f"{k}={v}" for k, v in {"train.batch_size": 4, **bad}.items()])

@@ -108,3 +108,8 @@ def write_bad_feedback(folder: Path, n: int = 12) -> Path:
     records[4]["prompt"] = ""
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def logged_metrics(path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl without data_wait_ms, the one wall-clock metric (differs run to run)."""
+    return [{k: v for k, v in json.loads(line).items() if k != "data_wait_ms"} for line in path.read_text().splitlines()]

@@ -12,6 +12,16 @@ the weights of every module (policy, reference copy, VAE, text encoder) plus the
 includes loading). glibc is told to return freed blocks of 64 KiB and more to the system, so that the resident set
 follows the live tensors rather than the allocator's cache. ``train_mb`` is that rise alone: optimizer state,
 gradients, batches and activations.
+
+``kto_amortized`` is the paper's mismatched reference point estimated every ``AMORTIZED_EVERY`` micro-steps
+(running mean in between, ``loss.reference_decay``): one step in k is dear (it estimates Q_ref), the others are
+cheap, so its time is (median of the dear steps + (k - 1) x median of the cheap ones) / k (the same for the
+quartiles): the per-step cost averaged over a period, with the same robustness to the shared machine's spikes as
+the plain medians of the other modes (a mean over windows of k steps would pick up every spike).
+
+``--end-to-end`` times whole ``dkto train`` runs instead (subprocesses: model loading, data loading and decoding,
+encoding, logging and export included) without and with ``data.cache``, and reports trained images per second
+(of the training loop, and of the whole command) and the share of the loop spent waiting on data.
 """
 from __future__ import annotations
 
@@ -32,9 +42,13 @@ LOSSES = {
     "sft": {"loss.name": "sft"},
     "kto_matched": {"loss.name": "kto", "loss.reference_point": "matched"},
     "kto_mismatched": {"loss.name": "kto", "loss.reference_point": "mismatched"},
+    "kto_amortized": {"loss.name": "kto", "loss.reference_point": "mismatched", "loss.reference_every": 4,
+                      "loss.reference_decay": 0.75},
 }
+AMORTIZED_EVERY = LOSSES["kto_amortized"]["loss.reference_every"]
 # the targets the project holds itself to (time ratios to SFT; LoRA KTO peak memory relative to LoRA SFT)
-TARGETS = {"time.kto_matched": 1.38, "time.kto_mismatched": 2.05, "lora_peak_mem.kto": 1.05}
+TARGETS = {"time.kto_matched": 1.38, "time.kto_mismatched": 2.05, "time.kto_amortized": 1.5,
+           "lora_peak_mem.kto": 1.05}
 
 
 @dataclass
@@ -54,6 +68,7 @@ class BenchSettings:
     mixed_precision: str = "no"
     seed: int = 0
     overrides: tuple[str, ...] = field(default_factory=tuple)
+    end_to_end: bool = False  # also time whole `dkto train` runs without and with data.cache
 
 
 def _rss_mb() -> float:
@@ -209,15 +224,31 @@ def _spawn(overrides: list[str], warmup: int, steps: int, threads: int | None, m
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _summary(timed: list[dict], memory: dict) -> dict:
-    """Median and quartiles of the pooled step times of the timing runs; memory from the memory run."""
-    times = sorted(t for r in timed for t in r["step_ms"])
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+def _quartiles(times: list[float]) -> list[float]:
+    """q1, median, q3 of step times (one time: itself three times)."""
+    return statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+
+
+def phase_quartiles(timed: list[dict], every: int, first: int) -> list[float]:
+    """q1, median, q3 of the pooled step times; with every = k > 1, (dear + (k - 1) cheap) / k of each quartile.
+
+    Timed step j of a run is micro-step first + j; it is dear (estimates Q_ref) when that is a multiple of k."""
+    if every == 1:
+        return _quartiles([t for r in timed for t in r["step_ms"]])
+    phases = [[t for r in timed for j, t in enumerate(r["step_ms"]) if ((first + j) % every == 0) == dear]
+              for dear in (True, False)]
+    dear, cheap = (_quartiles(p) for p in phases)
+    return [(d + (every - 1) * c) / every for d, c in zip(dear, cheap)]
+
+
+def _summary(timed: list[dict], memory: dict, every: int = 1, first: int = 0) -> dict:
+    """Median and quartiles of the pooled step times (per period of ``every`` steps); memory from the memory run."""
+    q = phase_quartiles(timed, every, first)
     return {
-        "step_ms_median": round(statistics.median(times), 3),
+        "step_ms_median": round(q[1], 3),
         "step_ms_q1": round(q[0], 3),
         "step_ms_q3": round(q[2], 3),
-        "timed_steps": len(times),
+        "timed_steps": sum(len(r["step_ms"]) for r in timed),
         "peak_mb": round(memory["peak_mb"], 1),
         "train_mb": round(memory["train_mb"], 1),
         "weights_mb": round(memory["weights_mb"], 1),
@@ -247,7 +278,7 @@ def check_targets(rat: dict) -> dict:
     """Each target with the measured ratio and whether it is met (per adapter for the time targets)."""
     checks = {}
     for adapter, modes in rat.items():
-        for loss in ("kto_matched", "kto_mismatched"):
+        for loss in ("kto_matched", "kto_mismatched", "kto_amortized"):
             if loss in modes:
                 value, limit = modes[loss]["time"], TARGETS[f"time.{loss}"]
                 checks[f"{adapter}.time.{loss}"] = {"ratio": value, "limit": limit, "met": value <= limit}
@@ -257,19 +288,25 @@ def check_targets(rat: dict) -> dict:
     return checks
 
 
-def bench_step(s: BenchSettings, progress=None) -> dict:
-    """Benchmark every (adapter, loss) mode in fresh subprocesses; returns the JSON-ready report."""
-    import torch
-
+def _check_settings(s: BenchSettings) -> None:
+    """ConfigError for settings no benchmark can run with."""
     from .models import resolve_pretrained
 
-    if s.steps < 1 or s.warmup < 0 or s.repeats < 1 or s.memory_steps < 1:
-        raise ConfigError("bench step needs steps >= 1, warmup >= 0, repeats >= 1 and memory_steps >= 1")
+    if s.steps < AMORTIZED_EVERY or s.warmup < 0 or s.repeats < 1 or s.memory_steps < 1:
+        raise ConfigError(f"bench step needs steps >= {AMORTIZED_EVERY} (kto_amortized estimates Q_ref on one step "
+                          f"in {AMORTIZED_EVERY}), warmup >= 0, repeats >= 1 and memory_steps >= 1")
     if not s.adapters or set(s.adapters) - {"lora", "full"}:
         raise ConfigError(f"bench step: adapters must be lora and/or full, got {', '.join(s.adapters) or 'none'}")
     if s.model == "toy" and not (Path(resolve_pretrained(s.model)) / "model_index.json").is_file():
         raise ConfigError("the shipped toy model is missing (src/diffusion_kto/toy/weights); "
                           "pass --model PATH to a diffusers folder, or run `dkto toy pretrain` first")
+
+
+def bench_step(s: BenchSettings, progress=None) -> dict:
+    """Benchmark every (adapter, loss) mode in fresh subprocesses; returns the JSON-ready report."""
+    import torch
+
+    _check_settings(s)
     resolution = s.resolution or native_resolution(s.model)
     modes = [(adapter, loss) for adapter in s.adapters for loss in LOSSES]
     timed: dict[tuple[str, str], list[dict]] = {m: [] for m in modes}
@@ -289,7 +326,9 @@ def bench_step(s: BenchSettings, progress=None) -> dict:
                 timed[(adapter, loss)].append(run(adapter, loss, f"time{r + 1}", s.steps, False))
         for adapter, loss in modes:
             memory[(adapter, loss)] = run(adapter, loss, "memory", s.memory_steps, True)
-    results = {a: {loss: _summary(timed[(a, loss)], memory[(a, loss)]) for loss in LOSSES} for a in s.adapters}
+    every = {loss: o.get("loss.reference_every", 1) for loss, o in LOSSES.items()}
+    results = {a: {loss: _summary(timed[(a, loss)], memory[(a, loss)], every[loss], s.warmup) for loss in LOSSES}
+               for a in s.adapters}
     rat = ratios(results)
     first = memory[modes[0]]
     return {
@@ -299,7 +338,60 @@ def bench_step(s: BenchSettings, progress=None) -> dict:
         "results": results,
         "ratios_to_sft": rat,
         "targets": check_targets(rat),
+        **({"end_to_end": bench_end_to_end(s, progress=progress)} if s.end_to_end else {}),
     }
+
+
+def bench_end_to_end(s: BenchSettings, adapter: str = "lora", loss: str = "kto_mismatched", rows: int = 64,
+                     progress=None) -> dict:
+    """Whole `dkto train` runs of ``warmup + steps`` steps without and with data.cache, ``repeats`` rounds each.
+
+    The cache is built once beforehand (its time is reported apart: a one-off per dataset and model)."""
+    from .config import load_config
+    from .train.precompute import build_cache
+
+    _check_settings(s)
+    resolution = s.resolution or native_resolution(s.model)
+    runs: dict[str, list[dict]] = {"no_cache": [], "cache": []}
+    with tempfile.TemporaryDirectory(prefix="dkto-bench-e2e-") as tmp:
+        data = write_feedback(Path(tmp) / "data", resolution, n=rows, seed=s.seed)
+        base = mode_overrides(s, adapter, loss, data, Path(tmp) / "unused", resolution)
+        start = time.perf_counter()
+        build_cache(load_config(None, base), Path(tmp) / "cache", progress=None)
+        cache_seconds = time.perf_counter() - start
+        for r in range(s.repeats):
+            for mode in runs:
+                if progress:
+                    progress(f"end-to-end round {r + 1}: {mode}")
+                extra = [f"data.cache={Path(tmp) / 'cache'}"] if mode == "cache" else []
+                out = Path(tmp) / f"{mode}-{r}"
+                runs[mode].append(_spawn_train(mode_overrides(s, adapter, loss, data, out, resolution) + extra, out,
+                                               s.threads))
+    summary = {mode: _e2e_summary(r) for mode, r in runs.items()}
+    return {"adapter": adapter, "loss": loss, "rows": rows, "steps": s.warmup + s.steps,
+            "images_per_run": (s.warmup + s.steps) * s.batch_size, "cache_build_s": round(cache_seconds, 2),
+            **summary, "cache_speedup": round(summary["cache"]["images_per_s"] / summary["no_cache"]["images_per_s"], 3)}
+
+
+def _spawn_train(overrides: list[str], out: Path, threads: int | None) -> dict:
+    """One `dkto train` subprocess; its summary.json plus the wall time of the whole command."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "diffusion_kto.cli", "train", *overrides], capture_output=True,
+                          text=True, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"dkto train failed ({' '.join(overrides)}):\n{proc.stderr[-3000:]}")
+    return {**json.loads((out / "summary.json").read_text()), "wall_s": wall}
+
+
+def _e2e_summary(runs: list[dict]) -> dict:
+    """Medians over the rounds: loop images/s, whole-command images/s, data-wait share."""
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    images = runs[0]["images_per_second"] * runs[0]["seconds"]
+    return {"images_per_s": round(med("images_per_second"), 3), "command_images_per_s": round(images / med("wall_s"), 3),
+            "command_s": round(med("wall_s"), 2), "data_wait_share": round(med("data_wait_share"), 4),
+            "data_wait_s": round(med("data_wait_seconds"), 3), "rounds": len(runs)}
 
 
 def main(argv: list[str]) -> int:

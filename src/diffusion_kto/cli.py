@@ -26,6 +26,38 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
+def _add_cache(sub) -> None:
+    p = sub.add_parser(
+        "cache",
+        help="precompute VAE latents (and text embeddings) of a feedback set, for data.cache=DIR",
+        description="Example: dkto cache --config configs/sd15-kto-lora.yaml data.path=feedback.jsonl --out cache/fox; "
+                    "then dkto train ... data.cache=cache/fox. Uses data.resolution, data.random_flip (both "
+                    "flips are cached), data.caption_dropout and loss.name (the prompts to embed) and model.*.",
+    )
+    p.add_argument("--config", help="YAML run config: the one you will train with")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.path=...")
+    p.add_argument("--out", default=None, help="cache folder (default: data.cache of the config)")
+    p.add_argument("--no-text", action="store_true", help="cache latents only; the text encoder runs while training")
+    p.add_argument("--shard-size", type=int, default=1024, help="images (prompts) per safetensors shard")
+    p.add_argument("--batch-size", type=int, default=16, help="images per VAE batch")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
+    p.set_defaults(func=_run_cache)
+
+
+def _run_cache(args) -> int:
+    from .config import ConfigError, load_config
+    from .train.precompute import build_cache
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or cfg.data.cache
+    if out is None:
+        raise ConfigError("dkto cache needs --out DIR (or data.cache=DIR)")
+    manifest = build_cache(cfg, out, text=not args.no_text, overwrite=args.overwrite, shard_size=args.shard_size,
+                           batch_size=args.batch_size, progress=lambda line: print(line, file=sys.stderr))
+    print(f"wrote {manifest}; train with data.cache={out}")
+    return 0
+
+
 def _add_check_config(sub) -> None:
     p = sub.add_parser("check-config", help="validate a config and print the resolved values (loads no model)")
     p.add_argument("--config")
@@ -109,7 +141,8 @@ def _run_train(args) -> int:
     result = DiffusionKTOTrainer(cfg).train()
     if not result.main_process:
         return 0
-    print(f"trained {result.steps} steps in {result.seconds:.1f}s ({result.images_per_second:.2f} images/s)")
+    print(f"trained {result.steps} steps in {result.seconds:.1f}s ({result.images_per_second:.2f} images/s, "
+          f"{result.data_wait_seconds:.1f}s waiting on data)")
     if result.data is not None:
         print(f"data: {result.data.describe()}")
     if result.data is not None and result.data.n_skipped:
@@ -292,7 +325,7 @@ def _add_bench(sub) -> None:
     bench = p.add_subparsers(dest="bench_command", required=True)
     step = bench.add_parser(
         "step",
-        help="median step time and peak memory of sft, kto (matched) and kto (mismatched), LoRA and full, as JSON",
+        help="median step time and peak memory of sft, kto (matched, mismatched, amortized), LoRA and full, as JSON",
         description="Example: dkto bench step --threads 1 --repeats 3 --out benchmarks/results/step.json",
     )
     step.add_argument("--model", default="toy", help="hub id, local diffusers folder, or 'toy' (the shipped model)")
@@ -305,6 +338,8 @@ def _add_bench(sub) -> None:
     step.add_argument("--repeats", type=int, default=1, help="rounds over all modes (times pooled)")
     step.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker")
     step.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
+    step.add_argument("--end-to-end", action="store_true",
+                      help="also time whole `dkto train` runs (loading, encoding, logging) without and with data.cache")
     step.add_argument("--out", default=None, help="also write the JSON here")
     step.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every mode")
     step.set_defaults(func=_run_bench_step)
@@ -360,7 +395,7 @@ def _run_bench_step(args) -> int:
         model=args.model, batch_size=args.batch_size, resolution=args.resolution,
         adapters=tuple(a.strip() for a in args.adapters.split(",") if a.strip()), lora_rank=args.lora_rank,
         steps=args.steps, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
-        mixed_precision=args.mixed_precision, overrides=tuple(args.overrides),
+        mixed_precision=args.mixed_precision, overrides=tuple(args.overrides), end_to_end=args.end_to_end,
     )
     report = bench_step(settings, progress=lambda line: print(line, file=sys.stderr))
     text = json.dumps(report, indent=2)
@@ -375,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `dkto` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="dkto", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_check_config, _add_sample, _add_demo, _add_toy, _add_convert, _add_eval, _add_bench):
+    for add in (_add_train, _add_cache, _add_check_config, _add_sample, _add_demo, _add_toy, _add_convert, _add_eval, _add_bench):
         add(sub)
     return parser
 

@@ -60,6 +60,7 @@ class DataConfig:
     """Feedback rows (image, prompt, like/dislike) and how they are sampled and transformed."""
 
     path: str | None = None
+    cache: str | None = None  # a `dkto cache` folder: cached VAE latents (and text embeddings) replace encoding
     image_column: str = "image"
     prompt_column: str = "prompt"
     label_column: str = "label"
@@ -87,6 +88,10 @@ class LossConfig:
     beta: float = _positive(5000.0, "paper: 5000; official script default 1000")
     utility: str = _choice("kt", ("kt", "loss_averse", "risk_seeking"))
     reference_point: str = _choice("mismatched", ("mismatched", "matched", "none"))
+    # the amortized reference point (mismatched only; docs/method.md): fewer extra no-grad passes per step
+    reference_fraction: float = _unit(1.0, "mismatched: estimate Q_ref on the first ceil(f*B) samples of the batch")
+    reference_every: int = _positive(1, "mismatched: estimate Q_ref every k micro-steps, reuse it in between")
+    reference_decay: float = _unit(0.0, "running mean of the Q_ref estimates: m = d m + (1-d) q, bias-corrected; 0 = newest")
     desirable_weight: float = _positive(1.0, allow_zero=True)
     undesirable_weight: float = _positive(1.0, allow_zero=True)
 
@@ -257,10 +262,35 @@ def _validate_cross_fields(cfg: Config) -> None:
             "data.streaming: loss.name=dpo pairs same-prompt rows, which a stream cannot look up; "
             "make pairs first (dkto convert to-pairs) and train without streaming, or use kto / sft / csft"
         )
+    if cfg.data.streaming and cfg.data.cache:
+        raise ConfigError("data.cache: a cache is keyed by the rows of a feedback dataset loaded up front, which "
+                          "data.streaming=true never loads; drop one of the two")
     if cfg.loss.name == "kto" and cfg.loss.reference_point == "mismatched" and cfg.train.batch_size < 2:
         raise ConfigError(
             "loss.reference_point=mismatched needs train.batch_size >= 2 (prompts are rolled within the batch); "
             "use a larger batch or loss.reference_point=matched"
+        )
+    _validate_amortized_reference(cfg)
+
+
+def _validate_amortized_reference(cfg: Config) -> None:
+    """The amortized reference point only applies to (and must leave at least two samples for) mismatched."""
+    lc = cfg.loss
+    amortized = lc.reference_fraction < 1 or lc.reference_every > 1 or lc.reference_decay > 0
+    if amortized and lc.reference_point != "mismatched":
+        raise ConfigError(
+            f"loss.reference_fraction / reference_every / reference_decay amortize the mismatched reference point "
+            f"only; loss.reference_point={lc.reference_point} computes Q_ref at no extra cost: leave them at 1 / 1 / 0"
+        )
+    if lc.reference_fraction <= 0:
+        raise ConfigError(f"loss.reference_fraction: must be > 0, got {lc.reference_fraction}")
+    if lc.reference_decay >= 1:
+        raise ConfigError(f"loss.reference_decay: must be < 1 (1 would never update), got {lc.reference_decay}")
+    if cfg.loss.name == "kto" and lc.reference_point == "mismatched" and \
+            math.ceil(lc.reference_fraction * cfg.train.batch_size) < 2:
+        raise ConfigError(
+            f"loss.reference_fraction={lc.reference_fraction} leaves fewer than 2 of train.batch_size="
+            f"{cfg.train.batch_size} samples to roll prompts within; raise it to at least {2 / cfg.train.batch_size:g}"
         )
 
 

@@ -68,6 +68,29 @@ def reference_point(policy_err: Tensor, ref_err: Tensor) -> Tensor:
     return implicit_reward(policy_err, ref_err).detach().float().mean().clamp(min=0)
 
 
+class RunningReference(NamedTuple):
+    """A bias-corrected exponential running mean of reference-point estimates (the amortized Q_ref)."""
+
+    value: Tensor  # () the current Q_ref, the bias-corrected mean m_n / (1 - d^n); 0 before any estimate
+    raw: Tensor  # () m_n = d m_{n-1} + (1 - d) q_n, with m_0 = 0
+    count: int  # n, estimates folded in so far
+
+
+def running_reference(previous: RunningReference | None, estimate: Tensor, decay: float) -> RunningReference:
+    """Fold one Q_ref estimate q_n into m_n = d m_{n-1} + (1 - d) q_n; value = m_n / (1 - d^n) (Adam-style).
+
+    The bias correction makes the value a weighted mean of the estimates so far, weights d^(n-i) normalised:
+    q_1 after one estimate, (d q_1 + q_2) / (1 + d) after two; d = 0 keeps only the newest estimate (the
+    paper's per-batch Q_ref). Stays >= 0 because every estimate is (§4.1 clamps each one)."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay}")
+    estimate = estimate.detach().float()
+    raw_prev = previous.raw.to(estimate) if previous is not None else torch.zeros_like(estimate)
+    count = (previous.count if previous is not None else 0) + 1
+    raw = decay * raw_prev + (1.0 - decay) * estimate
+    return RunningReference(value=raw / (1.0 - decay**count), raw=raw, count=count)
+
+
 def kto_loss(
     policy_err: Tensor,
     ref_err: Tensor,

@@ -6,7 +6,8 @@ dropout) comes from (seed, draw_id), so items are deterministic and independent 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from dataclasses import dataclass
 
 import torch
@@ -33,14 +34,19 @@ class ItemTransform:
         if not (math.isfinite(self.caption_dropout) and 0.0 <= self.caption_dropout <= 1.0):
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
 
-    def __call__(self, row: FeedbackRow, index: int, draw_id: int) -> dict:
-        """{"pixel_values": (3,R,R), "prompt", "desirable", "row": index, "draw_id"} for one draw of `row`."""
+    def __call__(self, row: FeedbackRow, index: int, draw_id: int,
+                 latents: Callable[[bool], tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
+        """{"pixel_values": (3,R,R), "prompt", "desirable", "row": index, "draw_id"} for one draw of `row`; with
+        `latents` (flip -> cached VAE posterior), {"latent_mean", "latent_std"}: (C,h,w) each instead of pixels."""
         choices = draw_choices(self.seed, draw_id, self.caption_dropout)
-        pixels = transform_image(
-            load_image(row), int(self.resolution), choices, center_crop=self.center_crop, random_flip=self.random_flip
-        )
+        if latents is not None:
+            mean, std = latents(self.random_flip and choices.flip)
+            image = {"latent_mean": mean, "latent_std": std}
+        else:
+            image = {"pixel_values": transform_image(load_image(row), int(self.resolution), choices,
+                                                     center_crop=self.center_crop, random_flip=self.random_flip)}
         return {
-            "pixel_values": pixels,
+            **image,
             "prompt": transform_caption(row.prompt, choices),
             "desirable": row.desirable,
             "row": index,
@@ -51,10 +57,15 @@ class ItemTransform:
 class FeedbackDataset(torch.utils.data.Dataset):
     """Feedback rows as training items: {"pixel_values", "prompt", "desirable", "row", "draw_id"}."""
 
-    def __init__(self, rows: Sequence[FeedbackRow], **transform):
-        """Keep the rows and the `ItemTransform` settings (resolution, center_crop, ..., seed)."""
+    def __init__(self, rows: Sequence[FeedbackRow], *, cache=None, **transform):
+        """Keep the rows and the `ItemTransform` settings (resolution, center_crop, ..., seed).
+
+        With a :class:`~diffusion_kto.data.cache.LatentCache`, items carry the cached VAE posterior
+        ("latent_mean", "latent_std") of the draw's flip variant instead of "pixel_values"."""
         self.rows = list(rows)
         self.transform = ItemTransform(**transform)
+        self.cache = cache
+        self.keys = cache.image_keys(self.rows) if cache is not None else None
 
     def __len__(self) -> int:
         """Number of feedback rows."""
@@ -65,7 +76,8 @@ class FeedbackDataset(torch.utils.data.Dataset):
         index, draw_id = _split_key(key)
         if not 0 <= index < len(self.rows):
             raise IndexError(f"row index {index} out of range for {len(self.rows)} feedback rows")
-        return self.transform(self.rows[index], index, draw_id)
+        latents = None if self.cache is None else partial(self.cache.latents, self.keys[index])
+        return self.transform(self.rows[index], index, draw_id, latents)
 
 
 def _split_key(key: tuple[int, int] | int) -> tuple[int, int]:
@@ -80,11 +92,13 @@ def _split_key(key: tuple[int, int] | int) -> tuple[int, int]:
 
 
 def collate(batch: Sequence[dict]) -> dict:
-    """Stack items: {"pixel_values": (B,3,R,R), "prompts", "desirable": bool (B,), "rows", "draw_ids": (B,)}."""
+    """Stack items: {"pixel_values": (B,3,R,R) or "latent_mean"/"latent_std": (B,C,h,w), "prompts",
+    "desirable": bool (B,), "rows", "draw_ids": (B,)}."""
     if not batch:
         raise ValueError("cannot collate an empty batch")
+    images = [k for k in ("pixel_values", "latent_mean", "latent_std") if k in batch[0]]
     return {
-        "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
+        **{k: torch.stack([item[k] for item in batch]) for k in images},
         "prompts": [item["prompt"] for item in batch],
         "desirable": torch.tensor([bool(item["desirable"]) for item in batch], dtype=torch.bool),
         "rows": torch.tensor([int(item["row"]) for item in batch], dtype=torch.long),

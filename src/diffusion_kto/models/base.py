@@ -29,8 +29,14 @@ class DiffusionFamily(Protocol):
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         """Text embeddings c, (B, L, D)."""
 
+    def latent_moments(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of the VAE posterior of images in [-1, 1]: (B, 3, H, W) -> 2 x (B, C, h, w) (what data.cache holds)."""
+
+    def sample_latents(self, mean: Tensor, std: Tensor, noise_fn: Callable[[tuple[int, ...]], Tensor]) -> Tensor:
+        """Scaled latents x0 = scale * (mean + std * eps - shift), (B, C, h, w); noise_fn(shape) gives eps ~ N(0, I)."""
+
     def encode_images(self, pixels: Tensor, noise_fn: Callable[[tuple[int, ...]], Tensor]) -> Tensor:
-        """Scaled latents x0 of images in [-1, 1]: (B, 3, H, W) -> (B, C, h, w); noise_fn(shape) gives N(0, I)."""
+        """Scaled latents x0 of images in [-1, 1]: sample_latents(*latent_moments(pixels), noise_fn)."""
 
     def noisy(self, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """(x_t, regression target) for the family's prediction type."""

@@ -16,19 +16,32 @@ from .. import diffusion
 from .base import unwrap
 
 
-def _load_parts(pretrained: str, revision: str | None, variant: str | None) -> dict:
-    """Load the SD components with the real diffusers / transformers ``from_pretrained`` paths."""
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def _load_parts(pretrained: str, revision: str | None, variant: str | None, components=COMPONENTS) -> dict:
+    """Load the SD components with the real diffusers / transformers ``from_pretrained`` paths.
+
+    A component left out of ``components`` is None (a cached run needs no VAE or text encoder); the VAE's config
+    (latent scaling) is always read, it is a few bytes."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     common = {"revision": revision}
+    weights = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    parts = {name: cls.from_pretrained(pretrained, subfolder=name, variant=variant, **common) if name in components
+             else None for name, cls in weights.items()}
     return {
+        **parts,
+        "vae_config": dict(AutoencoderKL.load_config(pretrained, subfolder="vae", **common)),
         "tokenizer": CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **common),
-        "text_encoder": CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", variant=variant, **common),
-        "vae": AutoencoderKL.from_pretrained(pretrained, subfolder="vae", variant=variant, **common),
-        "unet": UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", variant=variant, **common),
         "noise_scheduler": DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **common),
     }
+
+
+def _frozen(module: nn.Module | None, device: torch.device, dtype: torch.dtype) -> nn.Module | None:
+    """A no-grad, eval-mode module in the compute dtype (None stays None: the component was not loaded)."""
+    return None if module is None else module.requires_grad_(False).eval().to(device, dtype=dtype)
 
 
 class StableDiffusion:
@@ -38,11 +51,12 @@ class StableDiffusion:
         self,
         *,
         pretrained: str,
-        unet: nn.Module,
-        vae: nn.Module,
-        text_encoder: nn.Module,
+        unet: nn.Module | None,
+        vae: nn.Module | None,
+        text_encoder: nn.Module | None,
         tokenizer,
         noise_scheduler,
+        vae_config: dict | None = None,
         lora_rank: int = 0,
         lora_alpha: float | None = None,
         lora_dropout: float = 0.0,
@@ -58,10 +72,16 @@ class StableDiffusion:
         self.tokenizer = tokenizer
         self.noise_scheduler = noise_scheduler
         self.num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
-        self.vae = vae.requires_grad_(False).eval().to(self.device, dtype=weight_dtype)
-        self.text_encoder = text_encoder.requires_grad_(False).eval().to(self.device, dtype=weight_dtype)
+        self.vae = _frozen(vae, self.device, weight_dtype)
+        self.text_encoder = _frozen(text_encoder, self.device, weight_dtype)
+        latent = dict(vae.config) if vae is not None else (vae_config or {})
+        self.latent_scale = float(latent.get("scaling_factor", 0.18215))
+        self.latent_shift = float(latent.get("shift_factor") or 0.0)
         self.lora_rank = lora_rank
         self.unet = unet
+        self.ref_unet = None
+        if unet is None:  # encoders only (dkto cache)
+            return
         if lora_rank > 0:
             self._add_lora(lora_rank, lora_alpha, lora_dropout, lora_target_modules)
             self.ref_unet = None  # the reference is self.unet with adapters disabled
@@ -75,9 +95,10 @@ class StableDiffusion:
             self.unet.enable_gradient_checkpointing()
 
     @classmethod
-    def from_pretrained(cls, pretrained: str, *, revision: str | None = None, variant: str | None = None, **kw):
-        """Load from a hub id or a local diffusers folder."""
-        return cls(pretrained=pretrained, **_load_parts(pretrained, revision, variant), **kw)
+    def from_pretrained(cls, pretrained: str, *, revision: str | None = None, variant: str | None = None,
+                        components: tuple[str, ...] = COMPONENTS, **kw):
+        """Load from a hub id or a local diffusers folder; ``components`` chooses which networks to load."""
+        return cls(pretrained=pretrained, **_load_parts(pretrained, revision, variant, components), **kw)
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -118,9 +139,17 @@ class StableDiffusion:
 
     # ------------------------------------------------------------------------------------------ maths
 
+    def _require(self, name: str) -> nn.Module:
+        """A loaded encoder, or a clear error when the run was set up without it (fully cached data)."""
+        module = getattr(self, name)
+        if module is None:
+            raise RuntimeError(f"this model was loaded without its {name} (data.cache holds its outputs)")
+        return module
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         """CLIP text embeddings, (B, L, D), padded to the tokenizer's max length."""
+        text_encoder = self._require("text_encoder")
         ids = self.tokenizer(
             list(prompts),
             padding="max_length",
@@ -128,18 +157,26 @@ class StableDiffusion:
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0]  # (B, L, D)
+        return text_encoder(ids)[0]  # (B, L, D)
 
     @torch.no_grad()
-    def encode_images(self, pixels: Tensor, noise_fn: Callable[[tuple[int, ...]], Tensor]) -> Tensor:
-        """x0 = scaling_factor * (z - shift), z ~ q(z|image): (B, 3, H, W) -> (B, C, H/f, W/f).
+    def latent_moments(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of the VAE posterior q(z|image): (B, 3, H, W) -> 2 x (B, C, H/f, W/f)."""
+        vae = self._require("vae")
+        dist = vae.encode(pixels.to(self.device, dtype=vae.dtype)).latent_dist
+        return dist.mean, dist.std
 
-        ``noise_fn(shape)`` supplies the N(0, I) draw of the reparameterised posterior sample."""
-        dist = self.vae.encode(pixels.to(self.device, dtype=self.vae.dtype)).latent_dist
-        eps = noise_fn(tuple(dist.mean.shape)).to(dist.mean)
-        z = dist.mean + dist.std * eps
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return ((z - shift) * self.vae.config.scaling_factor).float()
+    def sample_latents(self, mean: Tensor, std: Tensor, noise_fn: Callable[[tuple[int, ...]], Tensor]) -> Tensor:
+        """x0 = scaling_factor * (mean + std * eps - shift): the reparameterised posterior draw, (B, C, h, w).
+
+        ``noise_fn(shape)`` supplies eps ~ N(0, I); cached moments and fresh ones give the same x0."""
+        mean, std = mean.to(self.device), std.to(self.device)
+        z = mean + std * noise_fn(tuple(mean.shape)).to(mean)
+        return ((z - self.latent_shift) * self.latent_scale).float()
+
+    def encode_images(self, pixels: Tensor, noise_fn: Callable[[tuple[int, ...]], Tensor]) -> Tensor:
+        """x0 of images in [-1, 1]: :meth:`latent_moments` then :meth:`sample_latents`."""
+        return self.sample_latents(*self.latent_moments(pixels), noise_fn)
 
     def noisy(self, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """(x_t, target) with the scheduler's forward process and prediction type."""
@@ -216,11 +253,12 @@ class StableDiffusion:
         """A StableDiffusionPipeline (DDIM sampler) over this family's modules, policy or reference weights."""
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+        vae, text_encoder = self._require("vae"), self._require("text_encoder")
         with contextlib.ExitStack() as stack:
             unet = stack.enter_context(self.reference_weights()) if reference else unwrap(self.unet)
             yield StableDiffusionPipeline(
-                vae=self.vae,
-                text_encoder=self.text_encoder,
+                vae=vae,
+                text_encoder=text_encoder,
                 tokenizer=self.tokenizer,
                 unet=unet,
                 scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),

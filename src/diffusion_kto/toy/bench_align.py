@@ -34,6 +34,9 @@ METHODS: dict[str, tuple[str, ...]] = {
     "kto-risk_seeking": ("loss.utility=risk_seeking",),
     "kto-gamma0.5": ("data.desirable_ratio=0.5",),
     "kto-matched": ("loss.reference_point=matched",),
+    # the amortized reference point of `dkto bench step` (mismatched Q_ref every 4th step, running mean between):
+    # its win rate against "kto" (every-step estimate) should sit at 50% within the CI
+    "kto-amortized": ("loss.reference_every=4", "loss.reference_decay=0.75"),
 }
 LR_GRID = (1e-5, 2e-5, 4e-5)  # every method gets exactly these trials
 METRICS = {"preference": judges.preference, "fidelity": judges.fidelity, "aesthetic": judges.aesthetic}

@@ -24,6 +24,7 @@ from ..data import (BadRow, DesirableSampler, FeedbackDataset, FeedbackSummary, 
                     screen_feedback)
 from ..data.bad_rows import SKIPPED_ROWS_FILE, write_skipped_rows
 from ..data.baselines import PairDataset, collate_pairs, csft_prompt
+from ..data.cache import CacheError, LatentCache, prompts_used
 from ..data.convert import feedback_to_pairs
 from ..data.feedback import FeedbackError, image_problem
 from ..data.shards import list_shards, read_shard
@@ -31,12 +32,13 @@ from ..data.stream import StreamingFeedbackDataset, check_readers, collate_strea
 from ..models import DiffusionFamily, load_family
 from . import checkpoint
 from .metrics import MetricsFile, postfix
+from .precompute import cache_key
 
 log = logging.getLogger(__name__)
 
 # Streams of the counter-based randomness: each sample's draws depend only on (seed, draw id, stream).
 _STREAM_TIMESTEP, _STREAM_NOISE, _STREAM_LATENT = 1, 2, 3
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _LOSSES_NEEDING_REFERENCE = {"kto", "dpo"}
 _LOSSES_NEEDING_BOTH_CLASSES = {"kto", "csft", "dpo"}
 
@@ -61,6 +63,7 @@ class TrainResult:
     skipped_steps: int
     main_process: bool = True
     data: FeedbackSummary | None = None  # rows trained on and bad rows skipped (None: rows were passed in)
+    data_wait_seconds: float = 0.0  # time the loop spent waiting for the next batch (loading, decoding, collating)
 
 
 def check_output_dir(cfg: Config) -> None:
@@ -146,15 +149,19 @@ class DiffusionKTOTrainer:
         _require_data_parallel(self.accelerator)
         if self.shards:
             check_readers(len(self.shards), self.accelerator.num_processes * max(cfg.data.num_workers, 1), cfg.data.path)
-        self.weight_dtype = _DTYPES[cfg.train.mixed_precision]
+        self.weight_dtype = DTYPES[cfg.train.mixed_precision]
         set_seed(cfg.train.seed)  # LoRA initialisation draws from the global RNGs
+        self.cache, self.text_cache = self._open_cache()
         self.family = family or load_family(cfg, weight_dtype=self.weight_dtype, device=self.accelerator.device,
-                                            with_reference=cfg.loss.name in _LOSSES_NEEDING_REFERENCE)
+                                            with_reference=cfg.loss.name in _LOSSES_NEEDING_REFERENCE,
+                                            components=self._components())
         self.optimizer = self._setup_optimizer()
         self.lr_scheduler = self._setup_lr_scheduler()
         self.family.wrap(self.accelerator.prepare)
         self.optimizer = self.accelerator.prepare(self.optimizer)
         self.step = 0
+        self.micro_step = 0  # micro-batches seen: the clock of loss.reference_every
+        self.reference: losses.RunningReference | None = None  # the running mismatched Q_ref (amortized)
         self.skipped = 0
         self._consecutive_bad = 0
         self.stream_cursors: dict[str, list[int]] = {}  # data.streaming: reader -> cursor after its last used batch
@@ -163,6 +170,31 @@ class DiffusionKTOTrainer:
         self.metrics_file = MetricsFile(self.out / "metrics.jsonl", enabled=self.accelerator.is_main_process)
 
     # ---------------------------------------------------------------------------------------- setup
+
+    def _open_cache(self) -> tuple[LatentCache | None, LatentCache | None]:
+        """data.cache checked against this run: (latents, text) caches; text is None when the encoder must run."""
+        cfg = self.cfg
+        if cfg.data.cache is None:
+            return None, None
+        cache = LatentCache(cfg.data.cache)
+        cache.check(cache_key(cfg, text=cache.has_text))
+        cache.image_keys(self.rows)  # refuse changed or new images now, before any model loads
+        if not cache.has_text:
+            return cache, None
+        missing = cache.missing_prompts(prompts_used(self.rows, caption_dropout=cfg.data.caption_dropout,
+                                                     csft=cfg.loss.name == "csft"))
+        if missing:
+            where = next((r.where for r in self.rows if r.prompt == missing[0]), "caption dropout or CSFT prefix")
+            raise CacheError(f"{cache.manifest_path}: key 'prompts' has no embedding for {missing[0]!r} ({where}) "
+                             f"and {len(missing) - 1} more prompts of this run; rebuild the cache with this run's "
+                             "data.caption_dropout and loss.name")
+        return cache, cache
+
+    def _components(self) -> tuple[str, ...]:
+        """The networks to load: no VAE / text encoder whose outputs are cached (sampling for validation needs both)."""
+        validating = bool(self.cfg.log.validation_every and self.cfg.log.validation_prompts)
+        return ("unet",) + (("vae",) if self.cache is None or validating else ()) + \
+            (("text_encoder",) if self.text_cache is None or validating else ())
 
     def _setup_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters (bitsandbytes 8-bit AdamW with optim.use_8bit_adam)."""
@@ -210,10 +242,10 @@ class DiffusionKTOTrainer:
         else:
             if cfg.loss.name == "dpo":
                 pairs = feedback_to_pairs(self.rows, cfg.data.max_pairs_per_prompt, seed=cfg.train.seed)
-                dataset, collate_fn = PairDataset(pairs, **transform), collate_pairs
+                dataset, collate_fn = PairDataset(pairs, cache=self.cache, **transform), collate_pairs
                 desirable, ratio = [True] * len(pairs), 1.0  # pairs are drawn uniformly
             else:
-                dataset, collate_fn = FeedbackDataset(self.rows, **transform), collate
+                dataset, collate_fn = FeedbackDataset(self.rows, cache=self.cache, **transform), collate
                 desirable = [r.desirable for r in self.rows]
             sampler = DesirableSampler(
                 desirable,
@@ -264,11 +296,26 @@ class DiffusionKTOTrainer:
 
     # ---------------------------------------------------------------------------------------- one step
 
+    def _prompt_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings c, (B, L, D): from data.cache when it holds them, else from the text encoder."""
+        if self.text_cache is None:
+            return self.family.encode_prompts(prompts)
+        return self.text_cache.text(prompts).to(self.accelerator.device, self.weight_dtype)
+
+    def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """x0 = mean + std * eps of the VAE posterior (cached or encoded now), eps from (seed, draw id): (B, C, h, w)."""
+        seed, draws = self.cfg.train.seed, batch["draw_ids"]
+        noise_fn = lambda shape: diffusion.per_sample_randn(shape[1:], seed, draws, _STREAM_LATENT)  # noqa: E731
+        if "latent_mean" in batch:
+            mean, std = (batch[k].to(self.accelerator.device, self.weight_dtype) for k in ("latent_mean", "latent_std"))
+            return self.family.sample_latents(mean, std, noise_fn)
+        return self.family.encode_images(batch["pixel_values"], noise_fn)
+
     def _errors(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Per-sample denoising errors of policy and reference on shared (x_t, t, noise, c); see module doc."""
         fam, seed, draws = self.family, self.cfg.train.seed, batch["draw_ids"]
-        cond = fam.encode_prompts(batch["prompts"])  # (B, L, D)
-        x0 = fam.encode_images(batch["pixel_values"], lambda shape: diffusion.per_sample_randn(shape[1:], seed, draws, _STREAM_LATENT))
+        cond = self._prompt_embeddings(batch["prompts"])  # (B, L, D)
+        x0 = self._latents(batch)  # (B, C, h, w)
         noise = diffusion.per_sample_randn(tuple(x0.shape[1:]), seed, draws, _STREAM_NOISE)  # (B, C, h, w)
         t = diffusion.per_sample_timesteps(fam.num_train_timesteps, seed, draws, _STREAM_TIMESTEP).to(x0.device)
         x_t, tgt = fam.noisy(x0, noise, t)
@@ -276,13 +323,14 @@ class DiffusionKTOTrainer:
             return {"policy_err": diffusion.per_sample_error(fam.predict(x_t, t, cond), tgt)}
         out: dict[str, torch.Tensor] = {}
         mode = self.cfg.loss.reference_point if self.cfg.loss.name == "kto" else "matched"
-        if mode == "mismatched":  # prompts rolled by one within the batch: unrelated (image, prompt) pairs
-            cond_mis = cond.roll(1, dims=0)
-            ref = fam.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond_mis]), reference=True)
-            ref_match, ref_mis = ref.chunk(2)  # one batched no-grad reference pass, (B, ...) each
+        if mode == "mismatched" and self._refresh_reference():
+            b, n = len(x_t), math.ceil(self.cfg.loss.reference_fraction * len(x_t))  # Q_ref from the first n samples
+            x_n, t_n, cond_mis = x_t[:n], t[:n], cond[:n].roll(1, dims=0)  # prompts rolled: unrelated pairs
+            ref = fam.predict(torch.cat([x_t, x_n]), torch.cat([t, t_n]), torch.cat([cond, cond_mis]), reference=True)
+            ref_match, ref_mis = ref[:b], ref[b:]  # one batched no-grad reference pass, (B + n, ...)
             with torch.no_grad():
-                out["policy_err_mismatched"] = diffusion.per_sample_error(fam.predict(x_t, t, cond_mis), tgt)
-            out["ref_err_mismatched"] = diffusion.per_sample_error(ref_mis, tgt)
+                out["policy_err_mismatched"] = diffusion.per_sample_error(fam.predict(x_n, t_n, cond_mis), tgt[:n])
+            out["ref_err_mismatched"] = diffusion.per_sample_error(ref_mis, tgt[:n])
         else:
             ref_match = fam.predict(x_t, t, cond, reference=True)
         out["ref_err"] = diffusion.per_sample_error(ref_match, tgt)
@@ -290,16 +338,28 @@ class DiffusionKTOTrainer:
         out["policy_err"] = diffusion.per_sample_error(fam.predict(x_t, t, cond), tgt)
         return out
 
+    def _refresh_reference(self) -> bool:
+        """Whether this micro-step estimates the mismatched Q_ref afresh (every loss.reference_every-th one)."""
+        return self.reference is None or self.micro_step % self.cfg.loss.reference_every == 0
+
     def _reference_point(self, errs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Q_ref over the global batch: gather per-sample errors from every process, then mean and clamp."""
-        mode = self.cfg.loss.reference_point
+        """Q_ref over the global batch: gather per-sample errors from every process, then mean and clamp (§4.1).
+
+        Mismatched estimates go through the running mean of loss.reference_decay; steps without a fresh estimate
+        (loss.reference_every > 1) reuse it."""
+        mode, device = self.cfg.loss.reference_point, errs["policy_err"].device
         if mode == "none":
-            return torch.zeros((), device=errs["policy_err"].device)
+            return torch.zeros((), device=device)
         suffix = "_mismatched" if mode == "mismatched" else ""
-        gather = self.accelerator.gather
-        return losses.reference_point(
-            gather(errs["policy_err" + suffix].detach()), gather(errs["ref_err" + suffix].detach())
-        )
+        if "ref_err" + suffix in errs:
+            gather = self.accelerator.gather
+            estimate = losses.reference_point(
+                gather(errs["policy_err" + suffix].detach()), gather(errs["ref_err" + suffix].detach())
+            )
+            if mode == "matched":
+                return estimate
+            self.reference = losses.running_reference(self.reference, estimate, self.cfg.loss.reference_decay)
+        return self.reference.value.to(device)
 
     def train_step(self, batch: dict[str, Any]) -> StepOutput:
         """Forward the loss for one micro-batch and backpropagate it (the optimizer step is done by the loop)."""
@@ -317,6 +377,7 @@ class DiffusionKTOTrainer:
             acc.backward(loss)
         metrics["loss"] = loss.detach().item()
         metrics["finite"] = float(finite)
+        self.micro_step += 1
         return StepOutput(loss=loss.detach(), metrics=metrics)
 
     def _loss(self, errs: dict[str, torch.Tensor], desirable: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -357,16 +418,19 @@ class DiffusionKTOTrainer:
         loader = iter(self._loader(self.step * cfg.train.grad_accum))
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", disable=not acc.is_local_main_process)
         window: list[dict[str, float]] = []
-        start, start_step = time.perf_counter(), self.step
+        start, start_step, waited = time.perf_counter(), self.step, 0.0
         unet = self.family.trainable_module()
         while self.step < cfg.train.max_steps:
             for _ in range(cfg.train.grad_accum):
+                fetch = time.perf_counter()
+                batch = next(loader)
+                wait = time.perf_counter() - fetch
+                waited += wait
+                self._note_stream(batch)
                 with acc.accumulate(unet):
-                    batch = next(loader)
-                    self._note_stream(batch)
                     result = self.train_step(batch)
                     stepped = self._optimizer_step(result)
-                window.append(result.metrics)
+                window.append({**result.metrics, "data_wait_ms": wait * 1000})
             if not stepped:
                 continue
             self.step += 1
@@ -383,8 +447,23 @@ class DiffusionKTOTrainer:
         seconds = time.perf_counter() - start
         exported = self._finish()
         images = (self.step - start_step) * cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
-        return TrainResult(self.out, self.step, exported, seconds, images / max(seconds, 1e-9), self.skipped,
-                           main_process=acc.is_main_process, data=self.screened.summary if self.screened else None)
+        result = TrainResult(self.out, self.step, exported, seconds, images / max(seconds, 1e-9), self.skipped,
+                             main_process=acc.is_main_process, data_wait_seconds=waited,
+                             data=self.screened.summary if self.screened else None)
+        self._write_summary(result)
+        return result
+
+    def _write_summary(self, result: TrainResult) -> None:
+        """``summary.json`` in the run folder: steps, loop seconds, images/s and time waiting on data (main process)."""
+        if not result.main_process:
+            return
+        summary = {"steps": result.steps, "seconds": round(result.seconds, 3),
+                   "images_per_second": round(result.images_per_second, 3),
+                   "data_wait_seconds": round(result.data_wait_seconds, 3),
+                   "data_wait_share": round(result.data_wait_seconds / max(result.seconds, 1e-9), 4),
+                   "skipped_steps": result.skipped_steps, "cached_latents": self.cache is not None,
+                   "cached_text": self.text_cache is not None}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
     def _optimizer_step(self, result: StepOutput) -> bool:
         """Clip, step and zero the optimizer at accumulation boundaries; skip non-finite steps (counted).
@@ -447,7 +526,8 @@ class DiffusionKTOTrainer:
                 weights=self.family.trainable_state(),
                 optimizer=self.optimizer.state_dict(),
                 scheduler={"lr_scheduler": self.lr_scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
-                state={"step": self.step, "skipped": self.skipped, **({"stream": stream} if stream else {})},
+                state={"step": self.step, "skipped": self.skipped, "reference": _reference_state(self.reference),
+                       **({"stream": stream} if stream else {})},
                 config=to_dict(self.cfg),
                 keep=self.cfg.train.keep_checkpoints,
             )
@@ -470,6 +550,8 @@ class DiffusionKTOTrainer:
         self._stream_resume = state["state"].get("stream")
         if self.shards:
             self._keep_stream_cursors(self._stream_resume, path)
+        self.micro_step = self.step * self.cfg.train.grad_accum
+        self.reference = _restore_reference(state["state"].get("reference"))  # None: re-estimated at once
         if self.accelerator.is_main_process:
             print(f"resumed from {path} at step {self.step}")
 
@@ -504,6 +586,19 @@ class DiffusionKTOTrainer:
         )
         grid.save(path)
         return path
+
+
+def _reference_state(ref: losses.RunningReference | None) -> dict | None:
+    """The running Q_ref as JSON numbers (float32 values round-trip exactly through a Python float)."""
+    return None if ref is None else {"value": float(ref.value), "raw": float(ref.raw), "count": ref.count}
+
+
+def _restore_reference(state: dict | None) -> losses.RunningReference | None:
+    """Inverse of :func:`_reference_state`."""
+    if state is None:
+        return None
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    return losses.RunningReference(value=as_tensor(state["value"]), raw=as_tensor(state["raw"]), count=int(state["count"]))
 
 
 def _kto_metrics(rewards: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, accuracy: torch.Tensor,
