@@ -349,7 +349,7 @@ def _add_bench(sub) -> None:
         description="Example: dkto bench align --quick --out runs/bench-align",
     )
     align.add_argument("--out", default="runs/bench-align", help="work folder (reused: finished runs are kept)")
-    align.add_argument("--quick", action="store_true", help="1 seed, 1 trial, 150 steps: about 15 minutes on 2 cores")
+    align.add_argument("--quick", action="store_true", help="1 seed, 1 trial (lr 4e-5), 80 steps, 512 feedback images: the quick look")
     align.add_argument("--seeds", type=int, default=3)
     align.add_argument("--budget", type=int, default=1024, help="feedback images, shared by every method")
     align.set_defaults(func=_run_bench_align)
