@@ -1,0 +1,17 @@
+"""`dkto bench align` end to end on a tiny budget: every method trains (DPO needs same-prompt pairs: 4 images per training prompt), the table and results file are written."""
+import json
+
+import pytest
+
+from diffusion_kto.toy.bench_align import METHODS, AlignSettings, run_bench_align
+
+
+@pytest.mark.slow
+def test_bench_align_runs_every_method_and_writes_the_table(tmp_path):
+    settings = AlignSettings(out=tmp_path, seeds=1, budget=180, steps=2, groups_per_prompt=1, lr_grid=(4e-5,))
+    summary = run_bench_align(settings)
+    assert set(summary["chosen_lr"]) == set(METHODS)
+    text = (tmp_path / "align.md").read_text()
+    assert "Win rate of KTO over each method" in text and "commit" in text
+    assert all(name in text for name in ("sft", "csft", "dpo", "kto-amortized"))
+    assert json.loads((tmp_path / "feedback" / "stats.json").read_text())["images"] == 180
