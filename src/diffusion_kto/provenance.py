@@ -1,6 +1,7 @@
 """Where a result came from: the source commit and the machine, written beside every reported number."""
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -9,8 +10,10 @@ from pathlib import Path
 import torch
 
 
+@functools.cache
 def commit() -> str:
-    """The short git commit of the installed source ('+dirty' with uncommitted changes), or 'unknown'."""
+    """The short git commit of the installed source ('+dirty' with uncommitted changes), or 'unknown'; the answer of
+    the first call in a process, so a run that calls it when it starts records the code it ran, not a later HEAD."""
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,

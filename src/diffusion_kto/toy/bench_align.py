@@ -107,6 +107,7 @@ def run_bench_align(settings: AlignSettings) -> dict:
     """The whole benchmark; writes results.json, report.html and ``align.md`` into ``settings.out``."""
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
+    commit()  # the code this run starts with is what its report names
     start = time.perf_counter()
     demo = DemoSettings(out=out, budget=settings.budget, groups_per_prompt=settings.groups_per_prompt)
     feedback = out / "feedback" / "feedback.jsonl"

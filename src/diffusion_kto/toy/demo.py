@@ -111,6 +111,7 @@ def run_demo(settings: DemoSettings) -> dict:
         raise FileExistsError(f"demo output folder {out} exists and is not empty; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     judge = judges.load_judge(settings.judge)
+    commit()  # the code this run starts with is what its report names
     total = time.perf_counter()
     with stage(settings, "load base model"):
         base = load_pipeline(settings.model, device="cpu")
