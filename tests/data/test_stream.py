@@ -118,3 +118,13 @@ def test_more_readers_than_shards_is_refused(shards):
     check_readers(6, 6, "x")
     with pytest.raises(FeedbackError, match="6 shard.*for 8 readers"):
         _take(_dataset(shards, rank=0, world_size=8), 1)
+
+
+def test_item_choices_follow_the_seed_like_the_in_memory_dataset(shards):
+    """Caption dropout (like crops and flips) of streamed draw k is that of FeedbackDataset's draw k with the same seed."""
+    from diffusion_kto.data.transforms import draw_choices
+
+    for seed in (0, 7):
+        items = _take(_dataset(shards, seed=seed, caption_dropout=0.5), 48)
+        assert [item["prompt"] == "" for item in items] == [
+            draw_choices(seed, item["draw_id"], 0.5).drop_caption for item in items]

@@ -174,7 +174,7 @@ class StreamingFeedbackDataset(torch.utils.data.IterableDataset):
         self.desirable_ratio, self.buffer_size = float(desirable_ratio), int(buffer_size)
         self.batch_size, self.seed, self.rank, self.world_size = int(batch_size), int(seed), int(rank), int(world_size)
         self.start_step, self.resume = int(start_step), resume
-        self.transform = ItemTransform(**transform)
+        self.transform = ItemTransform(seed=self.seed, **transform)  # crops, flips, dropout keyed by (seed, k) too
 
     def __iter__(self) -> Iterator[dict]:
         """This reader's items: batch_size per micro-step, for the micro-steps of this DataLoader worker."""
