@@ -86,8 +86,7 @@ class StableDiffusion:
             self._add_lora(lora_rank, lora_alpha, lora_dropout, lora_target_modules)
             self.ref_unet = None  # the reference is self.unet with adapters disabled
         else:  # objectives without a reference (sft, csft) keep no frozen copy
-            self.ref_unet = (copy.deepcopy(unet).requires_grad_(False).eval().to(self.device, dtype=weight_dtype)
-                             if with_reference else None)
+            self.ref_unet = _frozen(copy.deepcopy(unet), self.device, weight_dtype) if with_reference else None
             self.unet.requires_grad_(True)
             self.unet.to(self.device, dtype=torch.float32)
         self.unet.train()

@@ -1,4 +1,5 @@
 """Training: the accelerate loop and crash-safe checkpoints."""
-from .trainer import DiffusionKTOTrainer, StepOutput, TrainResult, check_output_dir, load_feedback
+from .inputs import load_feedback
+from .trainer import DiffusionKTOTrainer, StepOutput, TrainResult, check_output_dir
 
 __all__ = ["DiffusionKTOTrainer", "StepOutput", "TrainResult", "check_output_dir", "load_feedback"]

@@ -11,6 +11,7 @@ import torch
 from ..config import Config, ConfigError
 from ..data.cache import CacheKey, prompts_used, write_cache
 from ..models import component_fingerprint, load_family, resolve_pretrained
+from .inputs import DTYPES, load_feedback
 
 
 def cache_key(cfg: Config, *, text: bool) -> CacheKey:
@@ -34,8 +35,6 @@ def build_cache(cfg: Config, out: str | Path, *, text: bool = True, overwrite: b
                 batch_size: int = 16, progress=print) -> Path:
     """Write the cache of ``cfg``'s feedback (data.path, resolution, flips, model) into ``out``; returns the manifest."""
     import shutil
-
-    from .trainer import DTYPES, load_feedback
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:

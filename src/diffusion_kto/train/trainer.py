@@ -5,7 +5,6 @@ per-sample denoising errors of the policy and of the frozen reference on the sam
 the reference point Q_ref (on mismatched prompts, the batch itself, or 0), all-reduce it, and apply the loss."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -20,17 +19,14 @@ from tqdm.auto import tqdm
 
 from .. import diffusion, losses
 from ..config import Config, ConfigError, save_config, to_dict
-from ..data import (BadRow, DesirableSampler, FeedbackDataset, FeedbackSummary, Screened, collate, read_feedback,
-                    screen_feedback)
-from ..data.bad_rows import SKIPPED_ROWS_FILE, write_skipped_rows
+from ..data import DesirableSampler, FeedbackDataset, FeedbackSummary, collate
 from ..data.baselines import PairDataset, collate_pairs, csft_prompt
 from ..data.cache import CacheError, LatentCache, prompts_used
 from ..data.convert import feedback_to_pairs
-from ..data.feedback import FeedbackError, image_problem
-from ..data.shards import list_shards, read_shard
 from ..data.stream import StreamingFeedbackDataset, check_readers, collate_stream
 from ..models import DiffusionFamily, load_family
 from . import checkpoint
+from .inputs import DTYPES, load_feedback, open_stream, write_data_report
 from .metrics import MetricsFile, postfix
 from .precompute import cache_key
 
@@ -38,9 +34,7 @@ log = logging.getLogger(__name__)
 
 # Streams of the counter-based randomness: each sample's draws depend only on (seed, draw id, stream).
 _STREAM_TIMESTEP, _STREAM_NOISE, _STREAM_LATENT = 1, 2, 3
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _LOSSES_NEEDING_REFERENCE = {"kto", "dpo"}
-_LOSSES_NEEDING_BOTH_CLASSES = {"kto", "csft", "dpo"}
 
 
 @dataclass
@@ -80,47 +74,6 @@ def check_output_dir(cfg: Config) -> None:
         f"train.output_dir: {str(out)!r} already exists and is not empty; pass train.resume=latest to continue "
         "that run, train.overwrite=true to replace it, or choose another train.output_dir"
     )
-
-
-def load_feedback(cfg: Config) -> Screened:
-    """Read and validate the feedback rows named by ``data.*`` before any model loads (bad rows: data.on_bad_row)."""
-    if cfg.data.path is None:
-        raise ConfigError("data.path: no feedback data given (a JSONL / CSV / parquet file, an image folder, or a dataset)")
-    bad_rows: list[BadRow] = []
-    rows = read_feedback(
-        cfg.data.path,
-        image_column=cfg.data.image_column,
-        prompt_column=cfg.data.prompt_column,
-        label_column=cfg.data.label_column,
-        bad_rows=bad_rows,
-    )
-    return screen_feedback(rows, bad_rows, skip=cfg.data.on_bad_row == "skip",
-                           need_both_classes=cfg.loss.name in _LOSSES_NEEDING_BOTH_CLASSES)
-
-
-def write_data_report(cfg: Config, screened: Screened, out: Path) -> None:
-    """Record what the run trains on in ``data_summary.json``; with data.on_bad_row=skip, list skipped rows too."""
-    report = {"path": cfg.data.path, "on_bad_row": cfg.data.on_bad_row, **dataclasses.asdict(screened.summary)}
-    if cfg.data.on_bad_row == "skip":
-        report["skipped_rows_file"] = str(write_skipped_rows(screened.skipped, out / SKIPPED_ROWS_FILE))
-        if screened.skipped:
-            log.warning("the %d skipped rows are listed in %s", len(screened.skipped), report["skipped_rows_file"])
-    (out / "data_summary.json").write_text(json.dumps(report, indent=1) + "\n")
-
-
-def open_stream(cfg: Config) -> list[Path]:
-    """The shards named by ``data.path`` (data.streaming), their first row read and its image checked."""
-    if cfg.data.path is None:
-        raise ConfigError("data.path: no shards given (a folder of .tar / .parquet shards, a glob, or train-{000..009}.tar)")
-    shards = list_shards(cfg.data.path)
-    columns = (cfg.data.image_column, cfg.data.prompt_column, cfg.data.label_column)
-    first = next(read_shard(shards[0], columns), None)
-    if first is None:
-        raise FeedbackError(f"{shards[0]}: shard holds no feedback rows")
-    problem = image_problem(first)
-    if problem:
-        raise FeedbackError(f"{first.where}: {problem}")
-    return shards
 
 
 class DiffusionKTOTrainer:
