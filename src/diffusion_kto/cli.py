@@ -349,8 +349,8 @@ def _add_bench(sub) -> None:
         description="Example: dkto bench align --quick --out runs/bench-align",
     )
     align.add_argument("--out", default="runs/bench-align", help="work folder (reused: finished runs are kept)")
-    align.add_argument("--quick", action="store_true", help="1 seed, 1 trial (lr 4e-5), 80 steps, 512 feedback images: the quick look")
-    align.add_argument("--seeds", type=int, default=3)
+    align.add_argument("--quick", action="store_true", help="1 seed (unless --seeds), 1 trial (lr 4e-5), 80 steps, 512 feedback images: the quick look")
+    align.add_argument("--seeds", type=int, default=None, help="training seeds per method (default 3; 1 with --quick)")
     align.add_argument("--budget", type=int, default=1024, help="feedback images, shared by every method")
     align.set_defaults(func=_run_bench_align)
     utility = bench.add_parser("utility2d", help="the paper's 2-D utility-function experiment (§6, Fig. 6)")

@@ -15,3 +15,10 @@ def test_bench_align_runs_every_method_and_writes_the_table(tmp_path):
     assert "Win rate of KTO over each method" in text and "commit" in text
     assert all(name in text for name in ("sft", "csft", "dpo", "kto-amortized"))
     assert json.loads((tmp_path / "feedback" / "stats.json").read_text())["images"] == 180
+
+
+@pytest.mark.parametrize("quick, seeds, expected", [(False, None, 3), (True, None, 1), (True, 3, 3), (False, 5, 5)])
+def test_quick_mode_keeps_an_explicit_seed_count(quick, seeds, expected):
+    settings = AlignSettings(quick=quick, seeds=seeds)
+    assert settings.seeds == expected
+    assert settings.lr_grid == ((4e-5,) if quick else (2e-5, 4e-5, 8e-5))

@@ -48,7 +48,7 @@ class AlignSettings:
 
     out: Path = Path("runs/bench-align")
     quick: bool = False
-    seeds: int = 3
+    seeds: int | None = None  # training seeds per method; None = 3 (1 with quick)
     budget: int = 1024
     steps: int | None = None  # training steps; None = the config's
     groups_per_prompt: int = 8
@@ -57,8 +57,10 @@ class AlignSettings:
 
     def __post_init__(self):
         if self.quick:
-            self.seeds, self.lr_grid, self.budget = 1, (4e-5,), min(self.budget, 512)
+            self.lr_grid, self.budget = (4e-5,), min(self.budget, 512)
             self.steps, self.groups_per_prompt = self.steps or 80, 4
+        if self.seeds is None:
+            self.seeds = 1 if self.quick else 3
 
 
 def _train(settings: AlignSettings, feedback: Path, method: str, lr: float, seed: int) -> Path:
@@ -144,6 +146,11 @@ def _merge(runs: list[dict]) -> dict:
             "diversity": float(np.mean([r["diversity"] for r in runs])), "images": runs[0]["images"]}
 
 
+def _seeds_flag(settings: AlignSettings) -> str:
+    """The --seeds flag of the command line, where it differs from the mode's default."""
+    return "" if settings.seeds == (1 if settings.quick else 3) else f" --seeds {settings.seeds}"
+
+
 def write_align_report(settings, stats, tuning, chosen_lr, results, seconds) -> dict:
     """Table 1 (KTO vs each), mean scores, guards, and the markdown results file."""
     scores = {m: r["scores"] for m, r in results.items()}
@@ -155,7 +162,7 @@ def write_align_report(settings, stats, tuning, chosen_lr, results, seconds) -> 
               for m, r in results.items()}
     grid = report_lib.image_grid({m: r["images"][:9] for m, r in results.items()},
                                  col_labels=world.eval_prompts()[:9])
-    run = {"command": "dkto bench align" + (" --quick" if settings.quick else ""), "commit": commit(),
+    run = {"command": "dkto bench align" + (" --quick" if settings.quick else "") + _seeds_flag(settings), "commit": commit(),
            "machine": machine(), "wall time (s)": round(seconds, 1), "stages (s)": settings.timings}
     summary = {"run": run, "feedback": stats, "tuning": tuning, "chosen_lr": {k: f"{v:g}" for k, v in chosen_lr.items()},
                "seeds": settings.seeds, "comparisons_per_pair": int(next(iter(scores["kto"].values())).shape[0]),
