@@ -253,3 +253,19 @@ def test_amortized_reference_resumes_exactly(tiny_sd, feedback, tmp_path):
 def test_amortized_reference_config_errors(tmp_path, bad, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [f"{k}={v}" for k, v in {"train.batch_size": 4, **bad}.items()])
+
+
+def test_prompts_longer_than_the_text_context_are_reported(tiny_sd, feedback, tmp_path, caplog):
+    import json
+    import logging
+
+    rows = [json.loads(line) for line in feedback.read_text().splitlines()]
+    rows[3]["prompt"] = "a photo of a red circle a photo of a blue square"  # 12 tokens, the tiny context is 8
+    feedback.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "run", **{"lora.rank": 2, "train.max_steps": 1}))
+    with caplog.at_level(logging.WARNING):
+        trainer = DiffusionKTOTrainer(cfg)
+    assert trainer.family.overlong_prompts(["a red circle", rows[3]["prompt"]]) == [rows[3]["prompt"]]
+    assert f"{feedback}:3" in caplog.text and "truncated" in caplog.text
+    trainer.train()
+    assert json.loads((tmp_path / "run" / "data_summary.json").read_text())["truncated_prompts"] == 1

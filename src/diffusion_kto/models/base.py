@@ -29,6 +29,9 @@ class DiffusionFamily(Protocol):
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         """Text embeddings c, (B, L, D)."""
 
+    def overlong_prompts(self, prompts: list[str]) -> list[str]:
+        """The prompts longer than the text encoder's context, which :meth:`encode_prompts` truncates."""
+
     def latent_moments(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and std of the VAE posterior of images in [-1, 1]: (B, 3, H, W) -> 2 x (B, C, h, w) (what data.cache holds)."""
 

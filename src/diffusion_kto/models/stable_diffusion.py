@@ -158,6 +158,12 @@ class StableDiffusion:
         ).input_ids.to(self.device)
         return text_encoder(ids)[0]  # (B, L, D)
 
+    def overlong_prompts(self, prompts: list[str]) -> list[str]:
+        """Prompts whose tokens (with start and end tokens) exceed the tokenizer's model_max_length."""
+        limit = self.tokenizer.model_max_length
+        ids = self.tokenizer(list(prompts), truncation=False).input_ids
+        return [p for p, tokens in zip(prompts, ids) if len(tokens) > limit]
+
     @torch.no_grad()
     def latent_moments(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and std of the VAE posterior q(z|image): (B, 3, H, W) -> 2 x (B, C, H/f, W/f)."""

@@ -37,9 +37,10 @@ def load_feedback(cfg: Config) -> Screened:
                            need_both_classes=cfg.loss.name in _LOSSES_NEEDING_BOTH_CLASSES)
 
 
-def write_data_report(cfg: Config, screened: Screened, out: Path) -> None:
+def write_data_report(cfg: Config, screened: Screened, out: Path, overlong_prompts: int = 0) -> None:
     """Record what the run trains on in ``data_summary.json``; with data.on_bad_row=skip, list skipped rows too."""
-    report = {"path": cfg.data.path, "on_bad_row": cfg.data.on_bad_row, **dataclasses.asdict(screened.summary)}
+    report = {"path": cfg.data.path, "on_bad_row": cfg.data.on_bad_row, **dataclasses.asdict(screened.summary),
+              "truncated_prompts": overlong_prompts}
     if cfg.data.on_bad_row == "skip":
         report["skipped_rows_file"] = str(write_skipped_rows(screened.skipped, out / SKIPPED_ROWS_FILE))
         if screened.skipped:

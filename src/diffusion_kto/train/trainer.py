@@ -108,6 +108,7 @@ class DiffusionKTOTrainer:
         self.family = family or load_family(cfg, weight_dtype=self.weight_dtype, device=self.accelerator.device,
                                             with_reference=cfg.loss.name in _LOSSES_NEEDING_REFERENCE,
                                             components=self._components())
+        self.overlong_prompts = self._check_prompt_lengths()
         self.optimizer = self._setup_optimizer()
         self.lr_scheduler = self._setup_lr_scheduler()
         self.family.wrap(self.accelerator.prepare)
@@ -148,6 +149,18 @@ class DiffusionKTOTrainer:
         validating = bool(self.cfg.log.validation_every and self.cfg.log.validation_prompts)
         return ("unet",) + (("vae",) if self.cache is None or validating else ()) + \
             (("text_encoder",) if self.text_cache is None or validating else ())
+
+    def _check_prompt_lengths(self) -> int:
+        """Warn once about prompts longer than the text encoder's context (truncated, as diffusers does); their count."""
+        if self.rows is None:  # streaming: rows are not known up front
+            return 0
+        prompts = prompts_used(self.rows, caption_dropout=0.0, csft=self.cfg.loss.name == "csft")
+        overlong = self.family.overlong_prompts(prompts)
+        if overlong and self.accelerator.is_main_process:
+            where = next((r.where for r in self.rows if overlong[0].endswith(r.prompt)), "")
+            log.warning("%d of %d prompts are longer than the text encoder's context and are truncated when encoded, "
+                        "e.g. %s: %r", len(overlong), len(prompts), where, overlong[0][:120])
+        return len(overlong)
 
     def _setup_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters (bitsandbytes 8-bit AdamW with optim.use_8bit_adam)."""
@@ -363,7 +376,7 @@ class DiffusionKTOTrainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
             if self.screened is not None:
-                write_data_report(cfg, self.screened, self.out)
+                write_data_report(cfg, self.screened, self.out, overlong_prompts=self.overlong_prompts)
         if cfg.train.resume is not None:
             self._resume(cfg.train.resume)
         if cfg.log.report_to != "none":
