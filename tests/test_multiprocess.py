@@ -178,7 +178,8 @@ def _launched(kind, fsdp_version=2):
 
 
 @pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM"])
-def test_trainer_refuses_deepspeed_and_megatron(kind):
+def test_trainer_refuses_deepspeed_and_megatron(kind, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     from diffusion_kto.config import ConfigError
     from diffusion_kto.train.trainer import _require_supported_distribution
 
@@ -186,7 +187,18 @@ def test_trainer_refuses_deepspeed_and_megatron(kind):
         _require_supported_distribution(_launched(kind))
 
 
-def test_trainer_takes_ddp_and_fsdp2_but_refuses_fsdp1():
+def test_trainer_refuses_a_deepspeed_launch_that_accelerate_ran_as_ddp(monkeypatch):
+    """On CPU processes accelerate ignores a DeepSpeed launch (MULTI_CPU, plain DDP); the trainer still refuses it."""
+    from diffusion_kto.config import ConfigError
+    from diffusion_kto.train.trainer import _require_supported_distribution
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="DEEPSPEED is not supported"):
+        _require_supported_distribution(_launched("MULTI_CPU"))
+
+
+def test_trainer_takes_ddp_and_fsdp2_but_refuses_fsdp1(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     from diffusion_kto.config import ConfigError
     from diffusion_kto.train.trainer import _require_supported_distribution
 

@@ -631,8 +631,14 @@ def _fsdp_on_cpu(accelerator) -> None:
 
 
 def _require_supported_distribution(accelerator) -> None:
-    """Refuse what the trainer cannot run: DeepSpeed, Megatron-LM and FSDP 1 (DDP and FSDP 2 are supported)."""
+    """Refuse what the trainer cannot run: DeepSpeed, Megatron-LM and FSDP 1 (DDP and FSDP 2 are supported).
+
+    A DeepSpeed launch counts even where accelerate ran it as something else (on CPU processes it runs plain DDP)."""
+    import os
+
     kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        kind = "DEEPSPEED"
     if kind == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version != 2:
         raise ConfigError(
             "accelerate FSDP 1 is not supported by the trainer (its flat parameters hide the LoRA / reference "
@@ -640,9 +646,10 @@ def _require_supported_distribution(accelerator) -> None:
         )
     if kind in ("DEEPSPEED", "MEGATRON_LM"):
         raise ConfigError(
-            f"accelerate distributed_type {kind} is not supported by the trainer (it clips gradients and steps the "
-            "optimizer itself); launch with configs/accelerate/multi-gpu-ddp.yaml or configs/accelerate/fsdp.yaml "
-            "instead, see docs/multi-gpu.md"
+            f"accelerate distributed_type {kind} is not supported by the trainer (it steps the optimizer inside "
+            "backward and owns gradient clipping and the partitioned optimizer state, which the trainer's skipped "
+            "steps and checkpoints need); launch with configs/accelerate/multi-gpu-ddp.yaml or "
+            "configs/accelerate/fsdp.yaml instead, see docs/multi-gpu.md"
         )
 
 
