@@ -1,4 +1,4 @@
-"""Two CPU processes (DDP over gloo) train exactly what one process with the doubled batch trains.
+"""Two CPU processes (DDP or FSDP 2 over gloo) train exactly what one process with the doubled batch trains.
 
 Counter-based randomness makes every sample's draws depend only on (seed, draw id), the DesirableSampler gives
 each rank its slice of the global batch, and the reference point is taken over the gathered global batch; so
@@ -9,6 +9,11 @@ all-reduce sums the two ranks' mean gradients in a different order than one proc
 CPU kernels block a batch of 2 differently from a batch of 4, so fp32 results differ in the last bits, which
 beta = 5000 and Adam's normalisation amplify (observed: 1.3e-5). A rank-local reference point instead of the
 gathered one moves the same weights by 3e-3 (checked by hand with a patched trainer), 30x above ATOL.
+
+FSDP 2 (the shipped configs/accelerate/fsdp.yaml with --num_processes 2): a full fine-tune whose UNet is sharded
+across the two processes (the frozen reference copy is not), exported through a gathered whole state dict, agrees
+with the one-process UNet to the same ATOL (observed: 1.8e-5 after 3 steps that move the weights by 2.8e-3), for
+the same reason (FSDP reduce-scatters the gradients instead of all-reducing them). LoRA under FSDP: the same check, marked slow.
 """
 import os
 import subprocess
@@ -24,7 +29,10 @@ from diffusion_kto.train import launch
 
 ATOL = 1e-4
 RUN = {"lora.rank": 4, "loss.reference_point": "matched", "loss.beta": 5000.0, "train.max_steps": 3}
+FULL_RUN = {**RUN, "lora.rank": 0}
 LORA_FILE = "pytorch_lora_weights.safetensors"
+FSDP_LAUNCH = ["accelerate.commands.launch", "--config_file", "CONFIG", "--num_processes", "2",
+               "--main_process_port", "0", "-m", "diffusion_kto.cli", "train"]
 
 
 def _env():
@@ -33,47 +41,88 @@ def _env():
     return {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _single_process(tiny_sd, feedback, out):
+def _single_process(tiny_sd, feedback, out, run):
     """The reference: one process, global batch 4, in this process."""
-    cfg = load_config(None, tiny_overrides(tiny_sd, feedback, out, **RUN, **{"train.batch_size": 4}))
+    cfg = load_config(None, tiny_overrides(tiny_sd, feedback, out, **run, **{"train.batch_size": 4}))
     DiffusionKTOTrainer(cfg).train()
-    return load_file(out / LORA_FILE)
+    return out
 
 
-def _assert_same_lora(one, two):
-    """Same keys, weights within ATOL, and the run moved them well beyond ATOL (LoRA B starts at 0)."""
+def _assert_close(one, two, moved_keys, what):
+    """Same keys, weights within ATOL, and the run moved the weights in ``moved_keys`` well beyond ATOL."""
     assert one.keys() == two.keys()
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
-    assert worst <= ATOL, f"2-process LoRA differs from 1-process LoRA by {worst:.3g} > {ATOL}"
-    moved = max(one[k].abs().max().item() for k in one if "lora_B" in k or "lora.up" in k)
-    assert moved > 10 * ATOL
+    assert worst <= ATOL, f"2-process {what} differs from 1-process {what} by {worst:.3g} > {ATOL}"
+    assert max(moved_keys(k) for k in one) > 10 * ATOL
 
 
-def _two_processes(launcher, tiny_sd, feedback, tmp_path):
-    """Start the 2 x batch 2 run as a subprocess, train the 1 x batch 4 reference meanwhile, compare the LoRAs."""
+def _assert_same_lora(one_dir, two_dir):
+    """The exported LoRAs agree within ATOL, and the run moved them (LoRA B starts at 0)."""
+    one, two = load_file(one_dir / LORA_FILE), load_file(two_dir / LORA_FILE)
+    moved = lambda k: one[k].abs().max().item() if "lora_B" in k or "lora.up" in k else 0.0  # noqa: E731
+    _assert_close(one, two, moved, "LoRA")
+
+
+def _assert_same_unet(one_dir, two_dir, base):
+    """Both exported UNets load with diffusers and agree within ATOL; the run moved them away from ``base``."""
+    from diffusers import UNet2DConditionModel
+
+    one, two, start = (UNet2DConditionModel.from_pretrained(d).state_dict() for d in (one_dir, two_dir, base))
+    _assert_close(one, two, lambda k: (one[k] - start[k]).abs().max().item(), "UNet")
+
+
+def _two_processes(launcher, tiny_sd, feedback, tmp_path, run=RUN):
+    """Start the 2 x batch 2 run as a subprocess, train the 1 x batch 4 reference meanwhile: (one dir, two dir, stderr)."""
     out2 = tmp_path / "two"
-    args = tiny_overrides(tiny_sd, feedback, out2, **RUN, **{"train.batch_size": 2})
+    args = tiny_overrides(tiny_sd, feedback, out2, **run, **{"train.batch_size": 2})
     proc = subprocess.Popen([sys.executable, "-m", *launcher, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=_env())
     try:
-        one = _single_process(tiny_sd, feedback, tmp_path / "one")
+        one = _single_process(tiny_sd, feedback, tmp_path / "one", run)
         stdout, stderr = proc.communicate(timeout=600)
     finally:
         proc.kill()
     assert proc.returncode == 0, stderr[-4000:]
-    assert stdout.count("trained 3 steps") == 1  # the main process reports; equal weights show both ranks trained
-    _assert_same_lora(one, load_file(out2 / LORA_FILE))
-    return stderr
+    assert stdout.count(f"trained {run['train.max_steps']} steps") == 1  # the main process reports
+    return one, out2, stderr
 
 
 def test_two_cpu_processes_match_one_process_with_double_batch(tiny_sd, feedback, tmp_path):
-    _two_processes(["diffusion_kto.cli", "train", "--num-processes", "2"], tiny_sd, feedback, tmp_path)
+    _assert_same_lora(*_two_processes(["diffusion_kto.cli", "train", "--num-processes", "2"], tiny_sd, feedback,
+                                      tmp_path)[:2])
 
 
 @pytest.mark.slow
 def test_accelerate_launch_cpu_starts_two_gloo_processes(tiny_sd, feedback, tmp_path):
     launcher = ["accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m", "diffusion_kto.cli", "train"]
-    assert "starting 2 gloo processes" in _two_processes(launcher, tiny_sd, feedback, tmp_path)
+    one, two, stderr = _two_processes(launcher, tiny_sd, feedback, tmp_path)
+    _assert_same_lora(one, two)
+    assert "starting 2 gloo processes" in stderr
+
+
+def _fsdp_launch():
+    """``accelerate launch`` with the shipped FSDP 2 config on 2 processes."""
+    return [str(_shipped("fsdp.yaml")) if a == "CONFIG" else a for a in FSDP_LAUNCH]
+
+
+def _shipped(name):
+    """A shipped accelerate config."""
+    from pathlib import Path
+
+    import diffusion_kto
+
+    return Path(diffusion_kto.__file__).parent / "configs" / "accelerate" / name
+
+
+def test_fsdp_two_cpu_processes_match_one_process_full_finetune(tiny_sd, feedback, tmp_path):
+    one, two, _ = _two_processes(_fsdp_launch(), tiny_sd, feedback, tmp_path, FULL_RUN)
+    _assert_same_unet(one / "unet", two / "unet", tiny_sd / "unet")
+
+
+@pytest.mark.slow
+def test_fsdp_two_cpu_processes_match_one_process_lora(tiny_sd, feedback, tmp_path):
+    """LoRA under FSDP: the reference is the sharded UNet with its adapters disabled."""
+    _assert_same_lora(*_two_processes(_fsdp_launch(), tiny_sd, feedback, tmp_path)[:2])
 
 
 def test_launch_command_is_accelerate_multi_process_on_cpu():
@@ -118,18 +167,78 @@ def test_num_processes_must_be_positive():
         launch.maybe_launch(0, [])
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_trainer_refuses_sharded_distribution(kind):
+def _launched(kind, fsdp_version=2):
+    """A stand-in Accelerator with a distributed type (and an FSDP plugin version)."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
+    plugin = SimpleNamespace(fsdp_version=fsdp_version)
+    return SimpleNamespace(distributed_type=DistributedType[kind], state=SimpleNamespace(fsdp_plugin=plugin))
+
+
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM"])
+def test_trainer_refuses_deepspeed_and_megatron(kind, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     from diffusion_kto.config import ConfigError
-    from diffusion_kto.train.trainer import _require_data_parallel
+    from diffusion_kto.train.trainer import _require_supported_distribution
 
     with pytest.raises(ConfigError, match="multi-gpu-ddp.yaml"):
-        _require_data_parallel(SimpleNamespace(distributed_type=DistributedType[kind]))
-    _require_data_parallel(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+        _require_supported_distribution(_launched(kind))
+
+
+def test_trainer_refuses_a_deepspeed_launch_that_accelerate_ran_as_ddp(monkeypatch):
+    """On CPU processes accelerate ignores a DeepSpeed launch (MULTI_CPU, plain DDP); the trainer still refuses it."""
+    from diffusion_kto.config import ConfigError
+    from diffusion_kto.train.trainer import _require_supported_distribution
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="DEEPSPEED is not supported"):
+        _require_supported_distribution(_launched("MULTI_CPU"))
+
+
+def test_trainer_takes_ddp_and_fsdp2_but_refuses_fsdp1(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    from diffusion_kto.config import ConfigError
+    from diffusion_kto.train.trainer import _require_supported_distribution
+
+    for kind in ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP"):
+        _require_supported_distribution(_launched(kind))
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        _require_supported_distribution(_launched("FSDP", fsdp_version=1))
+
+
+def test_resume_refuses_a_checkpoint_of_the_other_layout(tmp_path):
+    from diffusion_kto.config import ConfigError
+    from diffusion_kto.train.trainer import _require_same_optimizer_layout
+
+    ddp, fsdp = ({"state": {}, "param_groups": [{"params": params}]} for params in ([0, 1], ["conv_in.weight"]))
+    _require_same_optimizer_layout(ddp, fsdp=False, path=tmp_path)
+    _require_same_optimizer_layout(fsdp, fsdp=True, path=tmp_path)
+    with pytest.raises(ConfigError, match="written by an FSDP run"):
+        _require_same_optimizer_layout(fsdp, fsdp=False, path=tmp_path)
+    with pytest.raises(ConfigError, match="cannot be resumed under FSDP"):
+        _require_same_optimizer_layout(ddp, fsdp=True, path=tmp_path)
+
+
+@pytest.mark.slow
+def test_fsdp_resume_equals_uninterrupted(tiny_sd, feedback, tmp_path):
+    """2 FSDP processes: 3 straight steps == the step-2 checkpoint (gathered whole) + resume + 1 step, bitwise."""
+    import shutil
+
+    def launch(out, **extra):
+        args = tiny_overrides(tiny_sd, feedback, out, **FULL_RUN, **{"train.batch_size": 2, **extra})
+        done = subprocess.run([sys.executable, "-m", *_fsdp_launch(), *args], capture_output=True, text=True,
+                              env=_env(), timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    launch(tmp_path / "a", **{"train.checkpoint_every": 2})
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "checkpoint-00000002", tmp_path / "b" / "checkpoints" / "checkpoint-00000002")
+    launch(tmp_path / "b", **{"train.checkpoint_every": 2, "train.resume": "latest"})
+    straight, resumed = (load_file(tmp_path / d / "unet" / "diffusion_pytorch_model.safetensors") for d in "ab")
+    assert straight.keys() == resumed.keys()
+    assert all((straight[k] == resumed[k]).all() for k in straight)
 
 
 def test_shipped_accelerate_configs_load():

@@ -47,21 +47,24 @@ class DiffusionFamily(Protocol):
     def predict(self, x_t: Tensor, t: Tensor, cond: Tensor, *, reference: bool = False) -> Tensor:
         """The network output for (x_t, t, c), from the policy or (no grad) from the reference."""
 
-    def trainable_state(self) -> dict[str, Tensor]:
-        """A state dict of the trainable weights, for checkpoints."""
+    def trainable_state(self, model_state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """A state dict of the trainable weights, for checkpoints (from a gathered whole ``model_state`` if given)."""
+
+    def model_state(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        """:meth:`trainable_state` output keyed like the trainable module's own state dict."""
 
     def load_trainable_state(self, state: dict[str, Tensor]) -> None:
         """Restore :meth:`trainable_state` output."""
 
-    def export(self, out_dir: str) -> list[str]:
-        """Write the trained weights in the format diffusers loads; returns the written paths."""
+    def export(self, out_dir: str, model_state: dict[str, Tensor] | None = None) -> list[str]:
+        """Write the trained weights (or a gathered whole ``model_state``) in the format diffusers loads; the paths."""
 
     def pipeline(self, *, reference: bool = False) -> ContextManager:
         """Context manager yielding a sampling pipeline over this family's modules (policy or reference)."""
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The inner module of a DDP / compiled wrapper."""
+    """The inner module of a DDP / compiled wrapper (an FSDP 2 module is its own inner module)."""
     while True:
         inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
         if not isinstance(inner, nn.Module):

@@ -212,16 +212,27 @@ class StableDiffusion:
 
     # ------------------------------------------------------------------------------------------ I/O
 
-    def trainable_state(self) -> dict[str, Tensor]:
-        """LoRA weights (peft naming) or the full UNet state dict, detached on CPU."""
+    def trainable_state(self, model_state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """LoRA weights (peft naming) or the full UNet state dict, detached on CPU; from ``model_state`` (a gathered
+        whole state dict of the UNet, e.g. under FSDP) when given, else from the module itself."""
         inner = unwrap(self.unet)
+        state = inner.state_dict() if model_state is None else model_state
         if self.lora_rank > 0:
             from peft.utils import get_peft_model_state_dict
 
-            state = get_peft_model_state_dict(inner)
-        else:
-            state = inner.state_dict()
+            state = get_peft_model_state_dict(inner, state_dict=state)
         return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+    def model_state(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        """:meth:`trainable_state` output keyed like the UNet's own state dict (LoRA: peft names back to module names)."""
+        if self.lora_rank == 0:
+            return weights
+        from peft.utils import get_peft_model_state_dict
+
+        names = [n for n, p in unwrap(self.unet).named_parameters() if p.requires_grad]
+        tagged = {n: torch.tensor(i) for i, n in enumerate(names)}  # peft renames keys; the tags say which is which
+        module_key = {k: names[int(v)] for k, v in get_peft_model_state_dict(unwrap(self.unet), state_dict=tagged).items()}
+        return {module_key[k]: v for k, v in weights.items()}
 
     def load_trainable_state(self, state: dict[str, Tensor]) -> None:
         """Restore weights saved by :meth:`trainable_state`."""
@@ -236,22 +247,32 @@ class StableDiffusion:
         else:
             inner.load_state_dict(state, strict=True)
 
-    def export(self, out_dir: str) -> list[str]:
-        """LoRA -> ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights``); full -> ``unet/`` folder."""
+    def export(self, out_dir: str, model_state: dict[str, Tensor] | None = None) -> list[str]:
+        """LoRA -> ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights``); full -> ``unet/`` folder.
+
+        ``model_state``: a gathered whole state dict of the UNet (e.g. under FSDP) to export instead of the module's."""
         from diffusers import StableDiffusionPipeline
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        inner = unwrap(self.unet)
         if self.lora_rank > 0:
             from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
 
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(inner))
+            layers = convert_state_dict_to_diffusers(self.trainable_state(model_state))
             StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
             return [str(out / "pytorch_lora_weights.safetensors")]
-        inner.save_pretrained(out / "unet", safe_serialization=True)
+        unet = unwrap(self.unet) if model_state is None else self._plain_unet(model_state)
+        unet.save_pretrained(out / "unet", safe_serialization=True)
         return [str(out / "unet")]
+
+    def _plain_unet(self, state: dict[str, Tensor]) -> nn.Module:
+        """An unwrapped UNet of this architecture holding ``state`` (built on the meta device, no extra copy)."""
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(unwrap(self.unet).config)
+        unet.load_state_dict(state, strict=True, assign=True)
+        return unet
 
     @contextlib.contextmanager
     def pipeline(self, *, reference: bool = False) -> Iterator:

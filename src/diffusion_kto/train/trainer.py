@@ -25,7 +25,7 @@ from ..data.cache import CacheError, LatentCache, prompts_used
 from ..data.convert import feedback_to_pairs
 from ..data.stream import StreamingFeedbackDataset, check_readers, collate_stream
 from ..models import DiffusionFamily, load_family
-from . import checkpoint
+from . import checkpoint, sharded
 from .inputs import DTYPES, load_feedback, open_stream, write_data_report
 from .metrics import MetricsFile, postfix
 from .precompute import cache_key
@@ -99,7 +99,9 @@ class DiffusionKTOTrainer:
             log_with=report_to,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
         )
-        _require_data_parallel(self.accelerator)
+        _fsdp_on_cpu(self.accelerator)
+        _require_supported_distribution(self.accelerator)
+        self.fsdp = self.accelerator.is_fsdp2  # the UNet is sharded: whole state dicts are gathered collectively
         if self.shards:
             check_readers(len(self.shards), self.accelerator.num_processes * max(cfg.data.num_workers, 1), cfg.data.path)
         self.weight_dtype = DTYPES[cfg.train.mixed_precision]
@@ -111,8 +113,7 @@ class DiffusionKTOTrainer:
         self.overlong_prompts = self._check_prompt_lengths()
         self.optimizer = self._setup_optimizer()
         self.lr_scheduler = self._setup_lr_scheduler()
-        self.family.wrap(self.accelerator.prepare)
-        self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.family.wrap(self._prepare)
         self.step = 0
         self.micro_step = 0  # micro-batches seen: the clock of loss.reference_every
         self.reference: losses.RunningReference | None = None  # the running mismatched Q_ref (amortized)
@@ -179,6 +180,12 @@ class DiffusionKTOTrainer:
                 "or set optim.use_8bit_adam=false"
             ) from None
         return bnb.optim.AdamW8bit(params, **kwargs)
+
+    def _prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Prepare the UNet and its optimizer in one accelerate call (FSDP 2 shards the UNet and points the optimizer
+        at the sharded parameters; the frozen reference copy is never prepared)."""
+        module, self.optimizer = self.accelerator.prepare(module, self.optimizer)
+        return module
 
     def _setup_lr_scheduler(self):
         """Warm-up then constant / linear / cosine decay over train.max_steps optimizer steps."""
@@ -485,12 +492,13 @@ class DiffusionKTOTrainer:
         """Write a resumable checkpoint (main process), atomically; every process waits for it."""
         acc = self.accelerator
         path, stream = None, self._stream_state()
+        weights, optimizer = self._gather_states()
         if acc.is_main_process:
             path = checkpoint.save_checkpoint(
                 self.out / "checkpoints",
                 self.step,
-                weights=self.family.trainable_state(),
-                optimizer=self.optimizer.state_dict(),
+                weights=weights,
+                optimizer=optimizer,
                 scheduler={"lr_scheduler": self.lr_scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
                 state={"step": self.step, "skipped": self.skipped, "reference": _reference_state(self.reference),
                        **({"stream": stream} if stream else {})},
@@ -500,6 +508,30 @@ class DiffusionKTOTrainer:
         acc.wait_for_everyone()
         return path
 
+    def _whole_model_state(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP the UNet's whole state dict on the main process (collective), else None: the module is whole."""
+        return sharded.gather_model_state(self.family.trainable_module()) if self.fsdp else None
+
+    def _gather_states(self) -> tuple[dict, dict]:
+        """(trainable weights, optimizer state) for a checkpoint, whole, on the main process (empty on the others)."""
+        if not self.fsdp:
+            main = self.accelerator.is_main_process
+            return (self.family.trainable_state(), self.optimizer.state_dict()) if main else ({}, {})
+        model = self._whole_model_state()
+        optimizer = sharded.gather_optimizer_state(self.family.trainable_module(), self.optimizer.optimizer)
+        return (self.family.trainable_state(model) if self.accelerator.is_main_process else {}), optimizer
+
+    def _load_states(self, weights: dict[str, torch.Tensor], optimizer: dict, path: Path) -> None:
+        """Restore trainable weights and optimizer state (sharded into place under FSDP)."""
+        _require_same_optimizer_layout(optimizer, fsdp=self.fsdp, path=path)
+        if not self.fsdp:
+            self.family.load_trainable_state({k: v.to(self.accelerator.device) for k, v in weights.items()})
+            self.optimizer.load_state_dict(optimizer)
+            return
+        unet = self.family.trainable_module()
+        sharded.load_model_state(unet, self.family.model_state(weights))
+        sharded.load_optimizer_state(unet, self.optimizer.optimizer, optimizer)
+
     def _resume(self, which: str) -> None:
         """Restore weights, optimizer, LR schedule, RNG and step from ``latest`` or a checkpoint folder."""
         path = checkpoint.latest_checkpoint(self.out / "checkpoints") if which == "latest" else Path(which)
@@ -507,8 +539,7 @@ class DiffusionKTOTrainer:
             log.warning("train.resume=latest: no complete checkpoint in %s; starting from step 0", self.out / "checkpoints")
             return
         state = checkpoint.load_checkpoint(path)
-        self.family.load_trainable_state({k: v.to(self.accelerator.device) for k, v in state["weights"].items()})
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_states(state["weights"], state["optimizer"], path)
         self.lr_scheduler.load_state_dict(state["scheduler"]["lr_scheduler"])
         torch.set_rng_state(state["scheduler"]["torch_rng"])
         self.step = int(state["state"]["step"])
@@ -528,7 +559,8 @@ class DiffusionKTOTrainer:
             self.save_checkpoint()
         if self.cfg.log.validation_every and self.step % self.cfg.log.validation_every:
             self.validate()
-        exported = self.family.export(str(self.out)) if acc.is_main_process else []
+        model_state = self._whole_model_state()
+        exported = self.family.export(str(self.out), model_state) if acc.is_main_process else []
         acc.wait_for_everyone()
         acc.end_training()
         return exported
@@ -538,10 +570,8 @@ class DiffusionKTOTrainer:
         from ..sampling import generate_pair_grid
 
         cfg, acc = self.cfg, self.accelerator
-        if not cfg.log.validation_prompts or not acc.is_main_process:
-            return None
-        path = self.out / "validation" / f"step-{self.step:08d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not cfg.log.validation_prompts or not (acc.is_main_process or self.fsdp):
+            return None  # under FSDP every process samples: each forward gathers the UNet's shards from all of them
         grid = generate_pair_grid(
             self.family,
             cfg.log.validation_prompts,
@@ -550,6 +580,10 @@ class DiffusionKTOTrainer:
             guidance=cfg.log.validation_guidance,
             resolution=cfg.data.resolution,
         )
+        if not acc.is_main_process:
+            return None
+        path = self.out / "validation" / f"step-{self.step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
         return path
 
@@ -590,15 +624,57 @@ def _warn_stream_layout(state: dict | None, readers: int, path: Path) -> None:
                     "starts at the beginning of the earliest recorded epoch", path, state.get("readers"), readers)
 
 
-def _require_data_parallel(accelerator) -> None:
-    """Refuse FSDP / DeepSpeed / Megatron: the UNet, its reference and the optimizer are prepared for DDP only."""
+def _fsdp_on_cpu(accelerator) -> None:
+    """Keep FSDP on CPU processes. accelerate (1.15) applies an FSDP launch's plugin only on accelerator devices and
+    runs CPU processes (MULTI_CPU, gloo) as plain DDP, silently; put FSDP back the way AcceleratorState does on GPUs."""
+    import os
+
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* environment, as accelerate builds it
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    # both singletons, as AcceleratorState does: every later AcceleratorState() copies PartialState's value back
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+
+
+def _require_supported_distribution(accelerator) -> None:
+    """Refuse what the trainer cannot run: DeepSpeed, Megatron-LM and FSDP 1 (DDP and FSDP 2 are supported).
+
+    A DeepSpeed launch counts even where accelerate ran it as something else (on CPU processes it runs plain DDP)."""
+    import os
+
     kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        kind = "DEEPSPEED"
+    if kind == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version != 2:
         raise ConfigError(
-            f"accelerate distributed_type {kind} is not supported by the trainer yet (it prepares the UNet and the "
-            "optimizer separately and runs the reference outside the wrapper); launch with "
-            "configs/accelerate/multi-gpu-ddp.yaml instead, see docs/multi-gpu.md"
+            "accelerate FSDP 1 is not supported by the trainer (its flat parameters hide the LoRA / reference "
+            "structure); set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml), see docs/multi-gpu.md"
         )
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
+        raise ConfigError(
+            f"accelerate distributed_type {kind} is not supported by the trainer (it steps the optimizer inside "
+            "backward and owns gradient clipping and the partitioned optimizer state, which the trainer's skipped "
+            "steps and checkpoints need); launch with configs/accelerate/multi-gpu-ddp.yaml or "
+            "configs/accelerate/fsdp.yaml instead, see docs/multi-gpu.md"
+        )
+
+
+def _require_same_optimizer_layout(optimizer: dict, *, fsdp: bool, path: Path) -> None:
+    """A checkpoint's optimizer state is keyed by parameter index (DDP, one process) or by name (FSDP); refuse the
+    other kind with a clear message instead of a KeyError deep in torch."""
+    params = [p for group in optimizer.get("param_groups", []) for p in group.get("params", [])]
+    by_name = bool(params) and isinstance(params[0], str)
+    if params and by_name != fsdp:
+        written, now = ("an FSDP", "without FSDP") if by_name else ("a DDP / single-process", "under FSDP")
+        raise ConfigError(f"train.resume: {path} was written by {written} run and cannot be resumed {now}; resume it "
+                          "with the accelerate config it was trained with")
 
 
 def _require_tracker(report_to: str | None) -> None:
