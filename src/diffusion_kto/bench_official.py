@@ -14,6 +14,9 @@ of a step differs from `dkto train`:
   clamped at 0; then the KT loss, backward, gradient clipping and an AdamW step; the step's losses are read
   back for the per-step log.
 
+Not emulated: the script's fp32 VAE under mixed precision (the VAE here runs in the compute dtype, as in ours; the
+same in fp32 runs) and its 8-bit AdamW (here the configured optimizer).
+
 Run as ``python -m diffusion_kto.bench_official --warmup N key=value ...`` with the overrides of a `dkto train`
 run: it writes ``summary.json`` in ``train.output_dir`` in the trainer's shape, plus per-part times.
 """
@@ -25,7 +28,6 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
