@@ -340,6 +340,9 @@ def _add_bench(sub) -> None:
     step.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     step.add_argument("--end-to-end", action="store_true",
                       help="also time whole `dkto train` runs (loading, encoding, logging) without and with data.cache")
+    step.add_argument("--official", default="full",
+                      help="with --end-to-end: adapters (lora, full, or none) on which the official script's step "
+                           "design is timed beside ours, with the ratio ours / official")
     step.add_argument("--out", default=None, help="also write the JSON here")
     step.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every mode")
     step.set_defaults(func=_run_bench_step)
@@ -386,6 +389,11 @@ def _run_bench_utility2d(args) -> int:
     return 0
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names; "none" is the empty list."""
+    return tuple(a.strip() for a in text.split(",") if a.strip() not in ("", "none"))
+
+
 def _run_bench_step(args) -> int:
     import json
 
@@ -393,9 +401,10 @@ def _run_bench_step(args) -> int:
 
     settings = BenchSettings(
         model=args.model, batch_size=args.batch_size, resolution=args.resolution,
-        adapters=tuple(a.strip() for a in args.adapters.split(",") if a.strip()), lora_rank=args.lora_rank,
+        adapters=_names(args.adapters), lora_rank=args.lora_rank,
         steps=args.steps, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
         mixed_precision=args.mixed_precision, overrides=tuple(args.overrides), end_to_end=args.end_to_end,
+        official=_names(args.official),
     )
     report = bench_step(settings, progress=lambda line: print(line, file=sys.stderr))
     text = json.dumps(report, indent=2)
