@@ -14,7 +14,15 @@ FSDP 2 (the shipped configs/accelerate/fsdp.yaml with --num_processes 2): a full
 across the two processes (the frozen reference copy is not), exported through a gathered whole state dict, agrees
 with the one-process UNet to the same ATOL (observed: 1.8e-5 after 3 steps that move the weights by 2.8e-3), for
 the same reason (FSDP reduce-scatters the gradients instead of all-reducing them). LoRA under FSDP: the same check, marked slow.
+
+DeepSpeed ZeRO-2 (the shipped configs/accelerate/deepspeed-zero2.yaml, --num_processes 2; skipped without the
+deepspeed package, which CI does not install): a full fine-tune with clipping and a linear LR schedule acting agrees
+with one process to the same ATOL (observed: 5.6e-6 after 3 steps that move the weights by 2.0e-3; LoRA, slow: 5.0e-6),
+and so does a run with NaN losses at a boundary and a non-boundary micro-step (the engine discards the window's
+gradients and skips the step; without that the check fails). A success also means the run was DeepSpeed: the trainer
+refuses a DeepSpeed launch that accelerate runs as anything else.
 """
+import importlib.util
 import os
 import subprocess
 import sys
@@ -31,8 +39,8 @@ ATOL = 1e-4
 RUN = {"lora.rank": 4, "loss.reference_point": "matched", "loss.beta": 5000.0, "train.max_steps": 3}
 FULL_RUN = {**RUN, "lora.rank": 0}
 LORA_FILE = "pytorch_lora_weights.safetensors"
-FSDP_LAUNCH = ["accelerate.commands.launch", "--config_file", "CONFIG", "--num_processes", "2",
-               "--main_process_port", "0", "-m", "diffusion_kto.cli", "train"]
+LAUNCH = ["accelerate.commands.launch", "--config_file", "CONFIG", "--num_processes", "2", "--main_process_port", "0"]
+TRAIN = ["-m", "diffusion_kto.cli", "train"]
 
 
 def _env():
@@ -100,9 +108,9 @@ def test_accelerate_launch_cpu_starts_two_gloo_processes(tiny_sd, feedback, tmp_
     assert "starting 2 gloo processes" in stderr
 
 
-def _fsdp_launch():
-    """``accelerate launch`` with the shipped FSDP 2 config on 2 processes."""
-    return [str(_shipped("fsdp.yaml")) if a == "CONFIG" else a for a in FSDP_LAUNCH]
+def _launch(config="fsdp.yaml", *program):
+    """``accelerate launch`` with a shipped accelerate config on 2 processes, of ``dkto train`` by default."""
+    return [str(_shipped(config)) if a == "CONFIG" else a for a in LAUNCH] + list(program or TRAIN)
 
 
 def _shipped(name):
@@ -115,14 +123,53 @@ def _shipped(name):
 
 
 def test_fsdp_two_cpu_processes_match_one_process_full_finetune(tiny_sd, feedback, tmp_path):
-    one, two, _ = _two_processes(_fsdp_launch(), tiny_sd, feedback, tmp_path, FULL_RUN)
+    one, two, _ = _two_processes(_launch(), tiny_sd, feedback, tmp_path, FULL_RUN)
     _assert_same_unet(one / "unet", two / "unet", tiny_sd / "unet")
 
 
 @pytest.mark.slow
 def test_fsdp_two_cpu_processes_match_one_process_lora(tiny_sd, feedback, tmp_path):
     """LoRA under FSDP: the reference is the sharded UNet with its adapters disabled."""
-    _assert_same_lora(*_two_processes(_fsdp_launch(), tiny_sd, feedback, tmp_path)[:2])
+    _assert_same_lora(*_two_processes(_launch(), tiny_sd, feedback, tmp_path)[:2])
+
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed (CI does not install it)")
+DS_RUN = {**FULL_RUN, "optim.max_grad_norm": 0.01, "optim.lr_scheduler": "linear"}  # clipping and the schedule act
+
+
+@needs_deepspeed
+def test_deepspeed_zero2_two_cpu_processes_match_one_process_full_finetune(tiny_sd, feedback, tmp_path):
+    one, two, _ = _two_processes(_launch("deepspeed-zero2.yaml"), tiny_sd, feedback, tmp_path, DS_RUN)
+    _assert_same_unet(one / "unet", two / "unet", tiny_sd / "unet")
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_deepspeed_zero2_two_cpu_processes_match_one_process_lora(tiny_sd, feedback, tmp_path):
+    """LoRA under ZeRO-2: the reference is the engine's UNet with its adapters disabled."""
+    run = {**DS_RUN, "lora.rank": 4}
+    _assert_same_lora(*_two_processes(_launch("deepspeed-zero2.yaml"), tiny_sd, feedback, tmp_path, run)[:2])
+
+
+@needs_deepspeed
+def test_deepspeed_skips_non_finite_steps_like_one_process(tiny_sd, feedback, tmp_path, monkeypatch):
+    """NaN losses at micro-step 1 (a boundary, after micro-step 0's backward) and 4 (not a boundary), 2 micro-steps a
+    step: DeepSpeed discards the first window (skipped step) and drops micro-step 4, as one process without it does."""
+    import json
+    from pathlib import Path
+
+    from diffusion_kto import losses
+    from nan_loss_run import nan_at
+
+    monkeypatch.setattr(losses, "kto_loss", losses.kto_loss)  # put back after the test
+    nan_at({1, 4})  # the one-process run, in this process
+    monkeypatch.setenv("DKTO_NAN_MICRO_STEPS", "1,4")  # the DeepSpeed processes
+    script = str(Path(__file__).parent / "nan_loss_run.py")
+    one, two, _ = _two_processes(_launch("deepspeed-zero2.yaml", script), tiny_sd, feedback, tmp_path,
+                                 {**DS_RUN, "train.grad_accum": 2})
+    _assert_same_unet(one / "unet", two / "unet", tiny_sd / "unet")
+    assert [json.loads((d / "summary.json").read_text())["skipped_steps"] for d in (one, two)] == [1, 1]
 
 
 def test_launch_command_is_accelerate_multi_process_on_cpu():
@@ -177,24 +224,42 @@ def _launched(kind, fsdp_version=2):
     return SimpleNamespace(distributed_type=DistributedType[kind], state=SimpleNamespace(fsdp_plugin=plugin))
 
 
-@pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM"])
-def test_trainer_refuses_deepspeed_and_megatron(kind, monkeypatch):
+def test_trainer_refuses_megatron(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     from diffusion_kto.config import ConfigError
     from diffusion_kto.train.trainer import _require_supported_distribution
 
-    with pytest.raises(ConfigError, match="multi-gpu-ddp.yaml"):
-        _require_supported_distribution(_launched(kind))
+    with pytest.raises(ConfigError, match="MEGATRON_LM is not supported"):
+        _require_supported_distribution(_launched("MEGATRON_LM"))
 
 
 def test_trainer_refuses_a_deepspeed_launch_that_accelerate_ran_as_ddp(monkeypatch):
-    """On CPU processes accelerate ignores a DeepSpeed launch (MULTI_CPU, plain DDP); the trainer still refuses it."""
+    """With --cpu / ACCELERATE_USE_CPU accelerate ignores a DeepSpeed launch (MULTI_CPU, plain DDP): refused."""
     from diffusion_kto.config import ConfigError
     from diffusion_kto.train.trainer import _require_supported_distribution
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ConfigError, match="DEEPSPEED is not supported"):
+    _require_supported_distribution(_launched("DEEPSPEED"))
+    with pytest.raises(ConfigError, match="runs it as MULTI_CPU"):
         _require_supported_distribution(_launched("MULTI_CPU"))
+
+
+def test_deepspeed_takes_batch_accumulation_and_clipping_from_the_run_config(tiny_sd, feedback, tmp_path):
+    from diffusion_kto.config import ConfigError
+    from diffusion_kto.train import zero
+
+    cfg = load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path, **{"train.batch_size": 3, "train.grad_accum": 2,
+                                                                           "optim.max_grad_norm": 0.5}))
+    ds = {"gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 2}}
+    zero.fill(ds, cfg)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (3, 2, 0.5)
+    with pytest.raises(ConfigError, match="gradient_clipping=1.0, the run config 0.5"):
+        zero.fill({"gradient_clipping": 1.0}, cfg)
+    zero._require_ported(cfg)  # tiny_overrides: no checkpoints, fp32
+    for bad in ({"train.checkpoint_every": 5}, {"train.resume": "latest"}, {"train.mixed_precision": "bf16"}):
+        cfg = load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path, **bad))
+        with pytest.raises(ConfigError, match="not supported under DeepSpeed"):
+            zero._require_ported(cfg)
 
 
 def test_trainer_takes_ddp_and_fsdp2_but_refuses_fsdp1(monkeypatch):
@@ -228,7 +293,7 @@ def test_fsdp_resume_equals_uninterrupted(tiny_sd, feedback, tmp_path):
 
     def launch(out, **extra):
         args = tiny_overrides(tiny_sd, feedback, out, **FULL_RUN, **{"train.batch_size": 2, **extra})
-        done = subprocess.run([sys.executable, "-m", *_fsdp_launch(), *args], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-m", *_launch(), *args], capture_output=True, text=True,
                               env=_env(), timeout=600)
         assert done.returncode == 0, done.stderr[-4000:]
 
@@ -260,3 +325,13 @@ def test_processes_without_cuda_join_one_cpu_group(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     launch.join_cpu_group_without_cuda()
     assert os.environ["ACCELERATE_USE_CPU"] == "1"
+
+
+def test_a_deepspeed_launch_without_cuda_is_not_turned_into_a_cpu_group(monkeypatch):
+    """ACCELERATE_USE_CPU would make accelerate run a DeepSpeed launch as plain DDP; the trainer gives DeepSpeed gloo."""
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    launch.join_cpu_group_without_cuda()
+    assert "ACCELERATE_USE_CPU" not in os.environ

@@ -102,10 +102,14 @@ def launch_args(cmdline: list[str]) -> tuple[int | None, int]:
 
 def join_cpu_group_without_cuda() -> None:
     """Inside a multi-process launch on a machine without CUDA (``accelerate launch --multi_gpu``, torchrun), set
-    ``ACCELERATE_USE_CPU=1``: otherwise accelerate runs every process as an independent single-process job."""
+    ``ACCELERATE_USE_CPU=1``: otherwise accelerate runs every process as an independent single-process job. Not for
+    a DeepSpeed launch, which ``ACCELERATE_USE_CPU`` would turn into plain DDP (the trainer gives DeepSpeed gloo)."""
     import torch
 
-    if in_distributed_process() and "ACCELERATE_USE_CPU" not in os.environ and not torch.cuda.is_available():
+    from .zero import launched as deepspeed_launch
+
+    if in_distributed_process() and "ACCELERATE_USE_CPU" not in os.environ and not torch.cuda.is_available() \
+            and not deepspeed_launch():
         os.environ["ACCELERATE_USE_CPU"] = "1"
 
 

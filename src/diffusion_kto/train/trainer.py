@@ -25,7 +25,7 @@ from ..data.cache import CacheError, LatentCache, prompts_used
 from ..data.convert import feedback_to_pairs
 from ..data.stream import StreamingFeedbackDataset, check_readers, collate_stream
 from ..models import DiffusionFamily, load_family
-from . import checkpoint, sharded
+from . import checkpoint, sharded, zero
 from .inputs import DTYPES, load_feedback, open_stream, write_data_report
 from .metrics import MetricsFile, postfix
 from .precompute import cache_key
@@ -98,10 +98,12 @@ class DiffusionKTOTrainer:
             gradient_accumulation_steps=cfg.train.grad_accum,
             log_with=report_to,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+            **zero.accelerator_kwargs(cfg),
         )
         _fsdp_on_cpu(self.accelerator)
         _require_supported_distribution(self.accelerator)
         self.fsdp = self.accelerator.is_fsdp2  # the UNet is sharded: whole state dicts are gathered collectively
+        self.deepspeed = zero.launched()  # ZeRO-2: the engine clips and steps inside backward
         if self.shards:
             check_readers(len(self.shards), self.accelerator.num_processes * max(cfg.data.num_workers, 1), cfg.data.path)
         self.weight_dtype = DTYPES[cfg.train.mixed_precision]
@@ -441,26 +443,48 @@ class DiffusionKTOTrainer:
     def _optimizer_step(self, result: StepOutput) -> bool:
         """Clip, step and zero the optimizer at accumulation boundaries; skip non-finite steps (counted).
 
-        Returns True when an optimizer step boundary was reached (stepped or skipped)."""
+        Returns True when an optimizer step was taken."""
         acc = self.accelerator
         bad = not result.metrics["finite"]
-        if acc.sync_gradients:
-            params = self.family.trainable_parameters()
-            if self.cfg.optim.max_grad_norm > 0 and not bad:
-                norm = acc.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
-                result.metrics["grad_norm"] = float(norm)
-                bad = not math.isfinite(float(norm))
-            if bad:
-                self.optimizer.zero_grad(set_to_none=True)
-                self._skip_bad_step()
-                return False
-            self.optimizer.step()
-            self.lr_scheduler.step()
+        if not acc.sync_gradients:
+            return False
+        if self.deepspeed:
+            return self._deepspeed_step(result)
+        params = self.family.trainable_parameters()
+        if self.cfg.optim.max_grad_norm > 0 and not bad:
+            norm = acc.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+            result.metrics["grad_norm"] = float(norm)
+            bad = not math.isfinite(float(norm))
+        if bad:
             self.optimizer.zero_grad(set_to_none=True)
-            self._consecutive_bad = 0
-            result.metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
-            return True
-        return False
+            self._skip_bad_step()
+            return False
+        self.optimizer.step()
+        self._stepped(result)
+        return True
+
+    def _deepspeed_step(self, result: StepOutput) -> bool:
+        """The accumulation boundary under DeepSpeed, whose engine has clipped (optim.max_grad_norm) and stepped inside
+        ``accelerator.backward``, or skipped the step and zeroed the gradients when their norm was not finite (ZeRO-2,
+        fp32). A non-finite loss skipped its backward; a NaN one is run instead, so that the engine discards the
+        window's earlier gradients the same way. Either skip is counted as under DDP."""
+        engine = self.family.trainable_module()
+        if not result.metrics["finite"]:
+            self.accelerator.backward(zero.poison(self.family.trainable_parameters()))
+        norm = engine.get_global_grad_norm()  # None only with zero_optimization.compute_grad_norm=false
+        result.metrics["grad_norm"] = math.nan if norm is None else float(norm)
+        if self.optimizer.step_was_skipped:
+            self._skip_bad_step()
+            return False
+        self._stepped(result)
+        return True
+
+    def _stepped(self, result: StepOutput) -> None:
+        """After an optimizer step: advance the LR schedule, zero the gradients, reset the bad-step count."""
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._consecutive_bad = 0
+        result.metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
 
     def _skip_bad_step(self) -> None:
         """Count a non-finite loss or gradient; stop after too many in a row (last checkpoint stays intact)."""
@@ -644,25 +668,25 @@ def _fsdp_on_cpu(accelerator) -> None:
 
 
 def _require_supported_distribution(accelerator) -> None:
-    """Refuse what the trainer cannot run: DeepSpeed, Megatron-LM and FSDP 1 (DDP and FSDP 2 are supported).
-
-    A DeepSpeed launch counts even where accelerate ran it as something else (on CPU processes it runs plain DDP)."""
-    import os
-
+    """Refuse what the trainer cannot run: Megatron-LM, FSDP 1, and a DeepSpeed launch that accelerate ran as
+    something else (``--cpu`` / ``ACCELERATE_USE_CPU`` make it plain DDP). DDP, FSDP 2 and DeepSpeed ZeRO-2 (with the
+    limits of :mod:`.zero`) are supported."""
     kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        kind = "DEEPSPEED"
     if kind == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version != 2:
         raise ConfigError(
             "accelerate FSDP 1 is not supported by the trainer (its flat parameters hide the LoRA / reference "
             "structure); set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml), see docs/multi-gpu.md"
         )
-    if kind in ("DEEPSPEED", "MEGATRON_LM"):
+    if zero.launched() and kind != "DEEPSPEED":
         raise ConfigError(
-            f"accelerate distributed_type {kind} is not supported by the trainer (it steps the optimizer inside "
-            "backward and owns gradient clipping and the partitioned optimizer state, which the trainer's skipped "
-            "steps and checkpoints need); launch with configs/accelerate/multi-gpu-ddp.yaml or "
-            "configs/accelerate/fsdp.yaml instead, see docs/multi-gpu.md"
+            f"this is a DeepSpeed launch, but accelerate runs it as {kind} (plain data parallel, without DeepSpeed), "
+            "which happens with --cpu or ACCELERATE_USE_CPU=1; drop those (without CUDA the trainer sets up "
+            "DeepSpeed's CPU accelerator and gloo itself), see docs/multi-gpu.md#deepspeed"
+        )
+    if kind == "MEGATRON_LM":
+        raise ConfigError(
+            "accelerate distributed_type MEGATRON_LM is not supported by the trainer; launch with "
+            "configs/accelerate/multi-gpu-ddp.yaml, fsdp.yaml or deepspeed-zero2.yaml instead, see docs/multi-gpu.md"
         )
 
 
