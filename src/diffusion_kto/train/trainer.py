@@ -154,13 +154,15 @@ class DiffusionKTOTrainer:
             (("text_encoder",) if self.text_cache is None or validating else ())
 
     def _check_prompt_lengths(self) -> int:
-        """Warn once about prompts longer than the text encoder's context (truncated, as diffusers does); their count."""
-        if self.rows is None:  # streaming: rows are not known up front
+        """Warn (main process) about prompts longer than the text encoder's context (truncated, as diffusers does);
+        their count, which only the main process reports (data_summary.json)."""
+        if self.rows is None or not self.accelerator.is_main_process:  # streaming: rows are not known up front
             return 0
-        prompts = prompts_used(self.rows, caption_dropout=0.0, csft=self.cfg.loss.name == "csft")
+        csft = self.cfg.loss.name == "csft"
+        prompts = prompts_used(self.rows, caption_dropout=0.0, csft=csft)
         overlong = self.family.overlong_prompts(prompts)
-        if overlong and self.accelerator.is_main_process:
-            where = next((r.where for r in self.rows if overlong[0].endswith(r.prompt)), "")
+        if overlong:
+            where = next(r.where for r in self.rows if overlong[0] in prompts_used([r], caption_dropout=0.0, csft=csft))
             log.warning("%d of %d prompts are longer than the text encoder's context and are truncated when encoded, "
                         "e.g. %s: %r", len(overlong), len(prompts), where, overlong[0][:120])
         return len(overlong)
