@@ -266,6 +266,6 @@ def test_prompts_longer_than_the_text_context_are_reported(tiny_sd, feedback, tm
     with caplog.at_level(logging.WARNING):
         trainer = DiffusionKTOTrainer(cfg)
     assert trainer.family.overlong_prompts(["a red circle", rows[3]["prompt"]]) == [rows[3]["prompt"]]
-    assert f"{feedback}:3" in caplog.text and "truncated" in caplog.text
+    assert f"{feedback}:4:" in caplog.text and "truncated" in caplog.text  # rows[3] is on line 4
     trainer.train()
     assert json.loads((tmp_path / "run" / "data_summary.json").read_text())["truncated_prompts"] == 1
