@@ -9,9 +9,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
 
-def sd15_parts():
-    """SD 1.5's UNet, VAE and CLIP ViT-L/14 text encoder built from their published configs on the meta device."""
-    with torch.device("meta"):
+def sd15_parts(device: str = "meta"):
+    """SD 1.5's UNet, VAE and CLIP ViT-L/14 text encoder built from their published configs (no weights on meta)."""
+    with torch.device(device):
         unet = UNet2DConditionModel(
             sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),

@@ -17,14 +17,15 @@ def _overrides(tiny_sd, tmp_path, adapter="full", loss="kto_matched", steps=2):
 
 
 def _weights(module):
-    return [p.detach().clone() for p in unwrap(module).parameters()]
+    """CPU copies of the weights (where the script keeps its reference), whatever device trains."""
+    return [p.detach().to("cpu", copy=True) for p in unwrap(module).parameters()]
 
 
 def _inputs(family, n=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     x_t = torch.randn(n, 4, 8, 8, generator=g)
     t = torch.randint(0, family.num_train_timesteps, (n,), generator=g)
-    return x_t, t, family.encode_prompts(["a red circle", "a blue square"][:n])
+    return x_t.to(family.device), t.to(family.device), family.encode_prompts(["a red circle", "a blue square"][:n])
 
 
 def test_steps_train_and_the_swap_predicts_with_the_reference_and_restores_exactly(tiny_sd, tmp_path):

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # Streams of the counter-based randomness: each sample's draws depend only on (seed, draw id, stream).
 _STREAM_TIMESTEP, _STREAM_NOISE, _STREAM_LATENT = 1, 2, 3
 _LOSSES_NEEDING_REFERENCE = {"kto", "dpo"}
+MAX_SCALER_BACKOFFS = 30  # fp16: consecutive scaler-skipped steps (scale / 2**30) before the run is stopped
 
 
 @dataclass
@@ -102,6 +103,7 @@ class DiffusionKTOTrainer:
         )
         _fsdp_on_cpu(self.accelerator)
         _require_supported_distribution(self.accelerator)
+        _require_fp16_device(self.accelerator, cfg.train.mixed_precision)
         self.fsdp = self.accelerator.is_fsdp2  # the UNet is sharded: whole state dicts are gathered collectively
         self.deepspeed = zero.launched()  # ZeRO-2: the engine clips and steps inside backward
         if self.shards:
@@ -121,6 +123,8 @@ class DiffusionKTOTrainer:
         self.reference: losses.RunningReference | None = None  # the running mismatched Q_ref (amortized)
         self.skipped = 0
         self._consecutive_bad = 0
+        self.scaler_skipped = 0  # fp16: steps the gradient scaler skipped while lowering its scale (not errors)
+        self._consecutive_overflow = 0
         self.stream_cursors: dict[str, list[int]] = {}  # data.streaming: reader -> cursor after its last used batch
         self.stream_readers: int | None = None
         self._stream_resume: dict | None = None
@@ -438,7 +442,8 @@ class DiffusionKTOTrainer:
                    "images_per_second": round(result.images_per_second, 3),
                    "data_wait_seconds": round(result.data_wait_seconds, 3),
                    "data_wait_share": round(result.data_wait_seconds / max(result.seconds, 1e-9), 4),
-                   "skipped_steps": result.skipped_steps, "cached_latents": self.cache is not None,
+                   "skipped_steps": result.skipped_steps, "scaler_skipped_steps": self.scaler_skipped,
+                   "cached_latents": self.cache is not None,
                    "cached_text": self.text_cache is not None}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
@@ -456,12 +461,17 @@ class DiffusionKTOTrainer:
         if self.cfg.optim.max_grad_norm > 0 and not bad:
             norm = acc.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
             result.metrics["grad_norm"] = float(norm)
-            bad = not math.isfinite(float(norm))
+            # fp16: an overflow of the *scaled* gradients is the scaler's to handle (its step skips and backs off)
+            bad = not math.isfinite(float(norm)) and acc.scaler is None
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             self._skip_bad_step()
             return False
         self.optimizer.step()
+        if self.optimizer.step_was_skipped:  # fp16: the scaler found inf/NaN gradients and lowered its scale
+            self.optimizer.zero_grad(set_to_none=True)
+            self._skip_overflow_step()
+            return False
         self._stepped(result)
         return True
 
@@ -485,7 +495,7 @@ class DiffusionKTOTrainer:
         """After an optimizer step: advance the LR schedule, zero the gradients, reset the bad-step count."""
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._consecutive_bad = 0
+        self._consecutive_bad = self._consecutive_overflow = 0
         result.metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
 
     def _skip_bad_step(self) -> None:
@@ -497,6 +507,18 @@ class DiffusionKTOTrainer:
             raise FloatingPointError(
                 f"{self._consecutive_bad} consecutive non-finite steps at step {self.step + 1}; stopping. "
                 "The last checkpoint is intact: lower optim.lr or loss.beta, or try train.mixed_precision=bf16/no"
+            )
+
+    def _skip_overflow_step(self) -> None:
+        """Count a step the fp16 gradient scaler skipped; normal while it finds its scale, an error if it never does."""
+        self.scaler_skipped += 1
+        self._consecutive_overflow += 1
+        log.info("fp16 gradient scaler skipped step %d (overflow; scale now %g)", self.step + 1,
+                 self.accelerator.scaler.get_scale())
+        if self._consecutive_overflow >= MAX_SCALER_BACKOFFS:
+            raise FloatingPointError(
+                f"the fp16 gradient scaler skipped {self._consecutive_overflow} steps in a row at step {self.step + 1} "
+                "(the gradients overflow at every scale); stopping. Try train.mixed_precision=bf16 or no"
             )
 
     def _log(self, window: list[dict[str, float]]) -> dict[str, float]:
@@ -667,6 +689,15 @@ def _fsdp_on_cpu(accelerator) -> None:
     state.fsdp_plugin = plugin
     # both singletons, as AcceleratorState does: every later AcceleratorState() copies PartialState's value back
     state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+
+
+def _require_fp16_device(accelerator, precision: str) -> None:
+    """Refuse fp16 where accelerate sets up no autocast and gradient scaler (a CPU): it would fail on dtypes later."""
+    if precision == "fp16" and accelerator.scaler is None and not zero.launched():
+        raise ConfigError(
+            f"train.mixed_precision=fp16 needs a CUDA device (accelerate sets up fp16 autocast and its gradient scaler "
+            f"only there); this process runs on {accelerator.device.type}: use train.mixed_precision=bf16 or no"
+        )
 
 
 def _require_supported_distribution(accelerator) -> None:
