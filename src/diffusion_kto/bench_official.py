@@ -155,9 +155,9 @@ def official_step(trainer, batch: dict, reference: list[Tensor] | None, step: in
                               undesirable_weight=cfg.loss.undesirable_weight)
         loss = out.losses.mean()
         acc.backward(loss)
-        trainer._optimizer_step(StepOutput(loss=loss.detach(), metrics={"finite": 1.0}))
+        stepped = trainer._optimizer_step(StepOutput(loss=loss.detach(), metrics={"finite": 1.0}))
     return {"loss": loss.item(), "kl": kl.item(), "policy_err": policy_err.mean().item(),
-            "ref_err": ref_err.mean().item(), "accuracy": out.accuracy.item()}
+            "ref_err": ref_err.mean().item(), "accuracy": out.accuracy.item(), "stepped": float(stepped)}
 
 
 def run_official(overrides: list[str], warmup: int) -> dict:
@@ -170,13 +170,13 @@ def run_official(overrides: list[str], warmup: int) -> dict:
     reference = cpu_reference(trainer.family)
     loader = iter(trainer._loader(0))
     parts = PartTimes(trainer.accelerator.device)
-    step_seconds, waited = [], 0.0
+    step_seconds, waited, taken = [], 0.0, 0
     start = time.perf_counter()
-    for step in range(cfg.train.max_steps):
+    while taken < cfg.train.max_steps:  # optimizer steps taken, as `dkto train` counts them (fp16 scaler skips redone)
         fetch = time.perf_counter()
         batch = next(loader)
         waited += time.perf_counter() - fetch
-        official_step(trainer, batch, reference, step, parts)
+        taken += int(official_step(trainer, batch, reference, len(step_seconds), parts)["stepped"])
         step_seconds.append(time.perf_counter() - fetch)
         parts.next_step()
     seconds = time.perf_counter() - start
