@@ -269,3 +269,26 @@ def test_prompts_longer_than_the_text_context_are_reported(tiny_sd, feedback, tm
     assert f"{feedback}:4:" in caplog.text and "truncated" in caplog.text  # rows[3] is on line 4
     trainer.train()
     assert json.loads((tmp_path / "run" / "data_summary.json").read_text())["truncated_prompts"] == 1
+
+
+@pytest.mark.parametrize("position, expected", [
+    ("prefix", {"good image, a red circle", "bad image, a red circle"}),
+    ("suffix", {"a red circle, good image", "a red circle, bad image"}),
+])
+def test_csft_conditions_on_the_label_phrase_at_its_position(tiny_sd, tmp_path, position, expected):
+    import json
+
+    from tiny import write_feedback
+
+    data = write_feedback(tmp_path / "d")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps({**r, "prompt": "a red circle"}) + "\n" for r in rows))
+    cfg = load_config(None, tiny_overrides(tiny_sd, data, tmp_path / "run", **{
+        "loss.name": "csft", "loss.csft_position": position, "lora.rank": 2, "train.batch_size": 4,
+        "data.desirable_ratio": 0.5,
+        "train.max_steps": 2}))
+    trainer = DiffusionKTOTrainer(cfg)
+    seen, encode = [], trainer.family.encode_prompts
+    trainer.family.encode_prompts = lambda prompts: seen.extend(prompts) or encode(prompts)
+    trainer.train()
+    assert set(seen) == expected  # liked rows with "good image", disliked ones with "bad image", nothing else

@@ -94,6 +94,13 @@ class LossConfig:
     reference_decay: float = _unit(0.0, "running mean of the Q_ref estimates: m = d m + (1-d) q, bias-corrected; 0 = newest")
     desirable_weight: float = _positive(1.0, allow_zero=True)
     undesirable_weight: float = _positive(1.0, allow_zero=True)
+    # csft: where the "good image" / "bad image" phrase goes; the paper prefixes it. A suffix leaves a causal text
+    # encoder's states of the prompt's own tokens as they were (the toy model's needs that: docs/method.md)
+    csft_position: str = _choice("prefix", ("prefix", "suffix"))
+
+    def csft(self) -> str | None:
+        """CSFT's phrase position when the objective is CSFT, else None (prompts are used as given)."""
+        return self.csft_position if self.name == "csft" else None
 
 
 @dataclass

@@ -12,12 +12,14 @@ import torch
 from .convert import PreferencePair
 from .dataset import FeedbackDataset, collate
 
-CSFT_PREFIX = {True: "good image, ", False: "bad image, "}
+CSFT_PHRASE = {True: "good image", False: "bad image"}
 
 
-def csft_prompt(prompt: str, desirable: bool = True) -> str:
-    """The CSFT conditioning: "good image, <prompt>" for liked rows (and at sampling time), "bad image, ..." else."""
-    return CSFT_PREFIX[bool(desirable)] + prompt
+def csft_prompt(prompt: str, desirable: bool = True, position: str = "prefix") -> str:
+    """The CSFT conditioning: "good image, <prompt>" for liked rows (and at sampling time), "bad image, ..." else;
+    with ``position="suffix"``: "<prompt>, good image"."""
+    phrase = CSFT_PHRASE[bool(desirable)]
+    return f"{phrase}, {prompt}" if position == "prefix" else f"{prompt}, {phrase}"
 
 
 class PairDataset(torch.utils.data.Dataset):

@@ -58,11 +58,12 @@ def image_hash(row: FeedbackRow) -> str:
         raise FeedbackError(f"{row.where}: image {str(row.image)!r} cannot be read ({err.strerror})") from None
 
 
-def prompts_used(rows: Sequence[FeedbackRow], *, caption_dropout: float, csft: bool) -> list[str]:
-    """Every prompt a run can feed the text encoder: the rows' prompts, "" under caption dropout, CSFT prefixes."""
+def prompts_used(rows: Sequence[FeedbackRow], *, caption_dropout: float, csft: str | None) -> list[str]:
+    """Every prompt a run can feed the text encoder: the rows' prompts, "" under caption dropout, and with ``csft``
+    (the phrase position, ``loss.csft()``) both CSFT phrasings of each instead."""
     prompts = [r.prompt for r in rows] + ([""] if caption_dropout > 0 else [])
     if csft:
-        prompts = [csft_prompt(p, d) for p in prompts for d in (True, False)]
+        prompts = [csft_prompt(p, d, csft) for p in prompts for d in (True, False)]
     return list(dict.fromkeys(prompts))
 
 

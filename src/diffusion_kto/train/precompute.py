@@ -44,7 +44,7 @@ def build_cache(cfg: Config, out: str | Path, *, text: bool = True, overwrite: b
     device = "cuda" if torch.cuda.is_available() else "cpu"
     family = load_family(cfg, weight_dtype=DTYPES[cfg.train.mixed_precision], device=device, with_reference=False,
                          components=("vae", "text_encoder") if text else ("vae",))
-    prompts = prompts_used(rows, caption_dropout=cfg.data.caption_dropout, csft=cfg.loss.name == "csft") if text else ()
+    prompts = prompts_used(rows, caption_dropout=cfg.data.caption_dropout, csft=cfg.loss.csft()) if text else ()
     shutil.rmtree(out, ignore_errors=True)  # --overwrite: no shard of an older cache survives beside the new one
     return write_cache(out, rows, key, moments=family.latent_moments, text=family.encode_prompts if text else None,
                        prompts=prompts, shard_size=shard_size, batch_size=batch_size, progress=progress)

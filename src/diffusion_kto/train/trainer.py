@@ -143,7 +143,7 @@ class DiffusionKTOTrainer:
         if not cache.has_text:
             return cache, None
         missing = cache.missing_prompts(prompts_used(self.rows, caption_dropout=cfg.data.caption_dropout,
-                                                     csft=cfg.loss.name == "csft"))
+                                                     csft=cfg.loss.csft()))
         if missing:
             where = next((r.where for r in self.rows if r.prompt == missing[0]), "caption dropout or CSFT prefix")
             raise CacheError(f"{cache.manifest_path}: key 'prompts' has no embedding for {missing[0]!r} ({where}) "
@@ -162,7 +162,7 @@ class DiffusionKTOTrainer:
         their count, which only the main process reports (data_summary.json)."""
         if self.rows is None or not self.accelerator.is_main_process:  # streaming: rows are not known up front
             return 0
-        csft = self.cfg.loss.name == "csft"
+        csft = self.cfg.loss.csft()
         prompts = prompts_used(self.rows, caption_dropout=0.0, csft=csft)
         overlong = self.family.overlong_prompts(prompts)
         if overlong:
@@ -346,8 +346,9 @@ class DiffusionKTOTrainer:
         """Forward the loss for one micro-batch and backpropagate it (the optimizer step is done by the loop)."""
         cfg, acc = self.cfg, self.accelerator
         desirable = batch["desirable"].to(acc.device)
-        if cfg.loss.name == "csft":  # condition on the label: "good image, ..." / "bad image, ..."
-            batch = {**batch, "prompts": [csft_prompt(p, d) for p, d in zip(batch["prompts"], batch["desirable"].tolist())]}
+        if cfg.loss.csft():  # condition on the label: "good image, ..." / "bad image, ..." (or as a suffix)
+            batch = {**batch, "prompts": [csft_prompt(p, d, cfg.loss.csft_position)
+                                          for p, d in zip(batch["prompts"], batch["desirable"].tolist())]}
         with acc.autocast():
             errs = self._errors(batch)
             per_sample, metrics = self._loss(errs, desirable)
