@@ -22,3 +22,17 @@ def test_quick_mode_keeps_an_explicit_seed_count(quick, seeds, expected):
     settings = AlignSettings(quick=quick, seeds=seeds)
     assert settings.seeds == expected
     assert settings.lr_grid == ((4e-5,) if quick else (2e-5, 4e-5, 8e-5))
+
+
+def test_a_restarted_benchmark_reuses_a_finished_run_only_when_its_config_is_the_same(tmp_path):
+    from diffusion_kto import bench
+    from diffusion_kto.config import ConfigError
+    from diffusion_kto.toy.bench_align import _train
+
+    feedback = bench.write_feedback(tmp_path / "data", 32, n=8)
+    out = _train(AlignSettings(out=tmp_path, steps=1), feedback, "sft", 4e-5, 0)
+    done = (out / "train_done.json").stat().st_mtime_ns
+    assert _train(AlignSettings(out=tmp_path, steps=1), feedback, "sft", 4e-5, 0) == out
+    assert (out / "train_done.json").stat().st_mtime_ns == done  # reused, not retrained
+    with pytest.raises(ConfigError, match="another config"):
+        _train(AlignSettings(out=tmp_path, steps=2), feedback, "sft", 4e-5, 0)
