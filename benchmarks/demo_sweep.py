@@ -36,7 +36,8 @@ t=time.perf_counter()
 cfg = load_config(CONFIG, [f"data.path={feedback}", f"train.output_dir={out}", "train.overwrite=true", "log.every=50", f"train.seed={seed}", *overrides])
 res = DiffusionKTOTrainer(cfg).train()
 tt=time.perf_counter()-t
-al = ev(load_pipeline('toy', device='cpu', unet=str(out)))
+lora = (out / 'pytorch_lora_weights.safetensors').is_file()  # lora.rank > 0 runs export adapters, full runs a UNet
+al = ev(load_pipeline('toy', device='cpu', **({'lora': str(out)} if lora else {'unet': str(out)})))
 wr = winrate.win_rate(al['scores'], base['scores'])
 line = dict(name=name, overrides=overrides, train_s=round(tt), wr=round(wr.rate,3), ci=round(wr.ci,3), n=wr.n,
             mean=(round(float(base['scores'].mean()),3), round(float(al['scores'].mean()),3)),
