@@ -133,7 +133,7 @@ def official_trainer(cfg: Config):
 
 def official_step(trainer, batch: dict, reference: list[Tensor] | None, step: int, parts: PartTimes) -> dict[str, float]:
     """One step of the script: encode images and prompts, policy forward, reference forward, matched Q_ref, KT
-    loss, backward, clipped AdamW step; returns the per-step log."""
+    loss, backward, clipped AdamW step; returns the per-step log (with ``stepped``: whether the optimizer stepped)."""
     from .train.trainer import StepOutput
 
     fam, acc, cfg = trainer.family, trainer.accelerator, trainer.cfg
@@ -157,7 +157,7 @@ def official_step(trainer, batch: dict, reference: list[Tensor] | None, step: in
         acc.backward(loss)
         stepped = trainer._optimizer_step(StepOutput(loss=loss.detach(), metrics={"finite": 1.0}))
     return {"loss": loss.item(), "kl": kl.item(), "policy_err": policy_err.mean().item(),
-            "ref_err": ref_err.mean().item(), "accuracy": out.accuracy.item(), "stepped": float(stepped)}
+            "ref_err": ref_err.mean().item(), "accuracy": out.accuracy.item(), "stepped": stepped}
 
 
 def run_official(overrides: list[str], warmup: int) -> dict:
@@ -176,7 +176,7 @@ def run_official(overrides: list[str], warmup: int) -> dict:
         fetch = time.perf_counter()
         batch = next(loader)
         waited += time.perf_counter() - fetch
-        taken += int(official_step(trainer, batch, reference, len(step_seconds), parts)["stepped"])
+        taken += official_step(trainer, batch, reference, len(step_seconds), parts)["stepped"]
         step_seconds.append(time.perf_counter() - fetch)
         parts.next_step()
     seconds = time.perf_counter() - start

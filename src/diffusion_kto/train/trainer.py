@@ -549,8 +549,10 @@ class DiffusionKTOTrainer:
                 weights=weights,
                 optimizer=optimizer,
                 scheduler={"lr_scheduler": self.lr_scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
-                state={"step": self.step, "skipped": self.skipped, "reference": _reference_state(self.reference),
-                       **({"stream": stream} if stream else {})},
+                state={"step": self.step, "skipped": self.skipped, "scaler_skipped": self.scaler_skipped,
+                       "reference": _reference_state(self.reference), **({"stream": stream} if stream else {}),
+                       # fp16: the gradient scaler's scale and growth count, so a resumed run skips what this one would
+                       **({"scaler": self.accelerator.scaler.state_dict()} if self.accelerator.scaler else {})},
                 config=to_dict(self.cfg),
                 keep=self.cfg.train.keep_checkpoints,
             )
@@ -593,6 +595,9 @@ class DiffusionKTOTrainer:
         torch.set_rng_state(state["scheduler"]["torch_rng"])
         self.step = int(state["state"]["step"])
         self.skipped = int(state["state"].get("skipped", 0))
+        self.scaler_skipped = int(state["state"].get("scaler_skipped", 0))
+        if self.accelerator.scaler and "scaler" in state["state"]:
+            self.accelerator.scaler.load_state_dict(state["state"]["scaler"])
         self._stream_resume = state["state"].get("stream")
         if self.shards:
             self._keep_stream_cursors(self._stream_resume, path)
@@ -693,8 +698,9 @@ def _fsdp_on_cpu(accelerator) -> None:
 
 
 def _require_fp16_device(accelerator, precision: str) -> None:
-    """Refuse fp16 where accelerate sets up no autocast and gradient scaler (a CPU): it would fail on dtypes later."""
-    if precision == "fp16" and accelerator.scaler is None and not zero.launched():
+    """Refuse fp16 where accelerate sets up no autocast and gradient scaler (a CPU): it would fail on dtypes later.
+    (DeepSpeed launches refuse mixed precision before the accelerator exists: :func:`.zero.accelerator_kwargs`.)"""
+    if precision == "fp16" and accelerator.scaler is None:
         raise ConfigError(
             f"train.mixed_precision=fp16 needs a CUDA device (accelerate sets up fp16 autocast and its gradient scaler "
             f"only there); this process runs on {accelerator.device.type}: use train.mixed_precision=bf16 or no"
