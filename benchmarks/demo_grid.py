@@ -129,7 +129,7 @@ def summary(out: Path, slice_groups: int) -> list[dict]:
         rows.append({"name": name, "overrides": runs[0]["overrides"], "seeds": sorted(r["seed"] for r in runs),
                      "pooled": round(pooled, 4), "ci": round(1.96 * (pooled * (1 - pooled) / n) ** 0.5, 4), "n": n,
                      "per_seed": [round(x, 3) for x in rates],
-                     "slices_ge_80": round(float(np.mean(np.asarray(slices) >= 0.8 - 1e-9)), 3),
+                     "slices_ge_80": round(float(np.mean(np.asarray(slices) >= 0.8 - 1e-9)), 3) if slices else None,
                      "diversity_ratio": round(float(np.mean([r["diversity"] / bases[r["seed"]]["diversity"]
                                                              for r in runs])), 3),
                      "fidelity": round(float(np.mean([r["fidelity"] for r in runs])), 3),
