@@ -9,6 +9,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 
+def dtype_kwarg(dtype: torch.dtype, diffusers_version: str | None = None) -> dict:
+    """``from_pretrained``'s dtype argument: ``dtype`` from diffusers 0.40 (which warns on ``torch_dtype``), before it ``torch_dtype``."""
+    from packaging.version import Version
+
+    if diffusers_version is None:
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    return {"dtype" if Version(diffusers_version).release >= (0, 40) else "torch_dtype": dtype}
+
+
 def load_pipeline(model: str, *, lora: str | None = None, unet: str | None = None, device: str | None = None,
                   dtype: torch.dtype = torch.float32):
     """A diffusers pipeline from a hub id / folder (``toy`` = shipped model), with a LoRA dir or a UNet dir on top."""
@@ -19,10 +30,10 @@ def load_pipeline(model: str, *, lora: str | None = None, unet: str | None = Non
     if lora and unet:
         raise ValueError("give either a LoRA dir or a UNet dir, not both")
     path = resolve_pretrained(model)
-    kwargs = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+    kwargs = {**dtype_kwarg(dtype), "safety_checker": None, "requires_safety_checker": False}
     if unet:
         unet_dir = Path(unet) / "unet" if (Path(unet) / "unet" / "config.json").is_file() else Path(unet)
-        kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
+        kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet_dir, **dtype_kwarg(dtype))
     pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if lora:
