@@ -39,9 +39,14 @@ def _load_parts(pretrained: str, revision: str | None, variant: str | None, comp
     }
 
 
+def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """``module.to(device, dtype)``, naming the dtype only for a real cast (diffusers warns on every dtype in ``to``)."""
+    return module.to(device) if getattr(module, "dtype", None) == dtype else module.to(device, dtype=dtype)
+
+
 def _frozen(module: nn.Module | None, device: torch.device, dtype: torch.dtype) -> nn.Module | None:
     """A no-grad, eval-mode module in the compute dtype (None stays None: the component was not loaded)."""
-    return None if module is None else module.requires_grad_(False).eval().to(device, dtype=dtype)
+    return None if module is None else _place(module.requires_grad_(False).eval(), device, dtype)
 
 
 class StableDiffusion:
@@ -88,7 +93,7 @@ class StableDiffusion:
         else:  # objectives without a reference (sft, csft) keep no frozen copy
             self.ref_unet = _frozen(copy.deepcopy(unet), self.device, weight_dtype) if with_reference else None
             self.unet.requires_grad_(True)
-            self.unet.to(self.device, dtype=torch.float32)
+            _place(self.unet, self.device, torch.float32)
         self.unet.train()
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -106,7 +111,7 @@ class StableDiffusion:
         from peft import LoraConfig
 
         self.unet.requires_grad_(False)
-        self.unet.to(self.device, dtype=self.weight_dtype)
+        _place(self.unet, self.device, self.weight_dtype)
         config = LoraConfig(
             r=rank,
             lora_alpha=alpha if alpha is not None else rank,
