@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 
 def dtype_kwarg(dtype: torch.dtype, diffusers_version: str | None = None) -> dict:
-    """``from_pretrained``'s dtype argument: ``dtype`` from diffusers 0.40 (which warns on ``torch_dtype``), before it ``torch_dtype``."""
+    """The dtype keyword of ``from_pretrained``: ``dtype`` from diffusers 0.40 on, ``torch_dtype`` before it."""
     from packaging.version import Version
 
     if diffusers_version is None:

@@ -24,6 +24,11 @@ def test_quick_mode_keeps_an_explicit_seed_count(quick, seeds, expected):
     assert settings.lr_grid == ((4e-5,) if quick else (2e-5, 4e-5, 8e-5))
 
 
+@pytest.mark.parametrize("quick, steps, expected", [(False, None, 200), (True, None, 80), (False, 7, 7), (True, 7, 7)])
+def test_training_steps_are_the_benchmarks_own_not_the_demo_configs(quick, steps, expected):
+    assert AlignSettings(quick=quick, steps=steps).steps == expected
+
+
 def test_a_restarted_benchmark_reuses_a_finished_run_only_when_its_config_is_the_same(tmp_path):
     from diffusion_kto import bench
     from diffusion_kto.config import ConfigError

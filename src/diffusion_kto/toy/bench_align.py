@@ -81,7 +81,8 @@ def _train(settings: AlignSettings, feedback: Path, method: str, lr: float, seed
     """Train one method with one learning rate and seed; returns its output folder."""
     out = settings.out / "models" / f"{method}-lr{lr:g}-seed{seed}"
     cfg = load_config(CONFIG, [f"data.path={feedback}", f"train.output_dir={out}", f"train.seed={seed}",
-                               f"optim.lr={lr}", "train.overwrite=true", f"train.max_steps={settings.steps}", *COMMON, *METHODS[method]])
+                               f"optim.lr={lr}", f"train.max_steps={settings.steps}", "train.overwrite=true",
+                               *COMMON, *METHODS[method]])
     if (out / "train_done.json").is_file():  # reuse a finished run when the benchmark is restarted ...
         if to_dict(load_config(out / "config.yaml")) != to_dict(cfg):  # ... but only one of this very config
             raise ConfigError(f"{out} was trained with another config than this benchmark's {method} (the code or "
