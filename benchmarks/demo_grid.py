@@ -28,18 +28,14 @@ from diffusion_kto.evaluation import winrate
 from diffusion_kto.provenance import commit, machine
 from diffusion_kto.sampling import load_pipeline
 from diffusion_kto.toy import judges
-from diffusion_kto.toy.demo import CONFIG, DemoSettings, collect_feedback, diversity, eval_images
+from diffusion_kto.toy.demo import CONFIG, DemoSettings, collect_feedback, score_model, trained_pipeline
 from diffusion_kto.train import DiffusionKTOTrainer
 
 
 def scores_of(pipe, settings: DemoSettings) -> dict:
-    """Preference scores (prompt x group, image), fidelity, diversity and liked share on the held-out prompts."""
-    images, prompts, _ = eval_images(pipe, settings)
-    scores = np.asarray(judges.preference(images, prompts), dtype=float)
-    return {"scores": scores.reshape(-1, settings.images_per_prompt).round(5).tolist(),
-            "fidelity": float(np.mean(judges.fidelity(images, prompts))),
-            "diversity": diversity(images, settings.images_per_prompt),
-            "liked_share": float(np.mean(scores >= settings.threshold))}
+    """The demo's per-model evaluation (``score_model``) under the preference judge, in JSON form."""
+    r = score_model(pipe, judges.preference, settings)
+    return {"scores": r["scores"].round(5).tolist(), **{k: r[k] for k in ("fidelity", "diversity", "liked_share")}}
 
 
 def prepare(out: Path, seed: int, groups: int, budget: int = 1024) -> None:
@@ -77,8 +73,7 @@ def run_job(out: Path, name: str, overrides: list[str], seed: int) -> None:
         start = time.perf_counter()
         trained = DiffusionKTOTrainer(cfg).train()
         train_s = time.perf_counter() - start
-        lora = Path(trained.exported[0]).suffix == ".safetensors"
-        aligned = load_pipeline("toy", **({"lora": f"{tmp}/model"} if lora else {"unet": f"{tmp}/model"}))
+        aligned = trained_pipeline("toy", trained)
         record = {"name": name, "overrides": overrides, "seed": seed, "train_s": round(train_s, 1),
                   "commit": commit(), "machine": machine(), **scores_of(aligned, settings)}
     target = out / "results" / f"{name}_s{seed}.json"

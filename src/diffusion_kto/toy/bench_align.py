@@ -46,7 +46,8 @@ METHODS: dict[str, tuple[str, ...]] = {
     "kto-amortized": ("loss.reference_point=mismatched", "loss.reference_every=4", "loss.reference_decay=0.75"),
 }
 LR_GRID = (2e-5, 4e-5, 8e-5)  # every method gets exactly these trials
-FULL_STEPS = 200  # fixed here, like gamma: the demo's config (400 steps) is tuned for the demo, not for this comparison
+# training steps, fixed here like gamma: the demo's config (400 steps) is tuned for the demo, not for this comparison
+QUICK_STEPS, FULL_STEPS = 80, 200
 METRICS = {"preference": judges.preference, "fidelity": judges.fidelity, "aesthetic": judges.aesthetic}
 
 
@@ -58,16 +59,15 @@ class AlignSettings:
     quick: bool = False
     seeds: int | None = None  # training seeds per method; None = 3 (1 with quick)
     budget: int = 1024
-    steps: int | None = None  # training steps; None = FULL_STEPS (80 with quick)
+    steps: int | None = None  # training steps; None = FULL_STEPS (QUICK_STEPS with quick)
     groups_per_prompt: int = 8
     lr_grid: tuple[float, ...] = LR_GRID
     timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.quick:
-            self.lr_grid, self.budget = (4e-5,), min(self.budget, 512)
-            self.steps, self.groups_per_prompt = self.steps or 80, 4
-        self.steps = self.steps or FULL_STEPS
+            self.lr_grid, self.budget, self.groups_per_prompt = (4e-5,), min(self.budget, 512), 4
+        self.steps = self.steps or (QUICK_STEPS if self.quick else FULL_STEPS)
         if self.seeds is None:
             self.seeds = default_seeds(self.quick)
 

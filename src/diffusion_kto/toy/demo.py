@@ -125,9 +125,7 @@ def run_demo(settings: DemoSettings) -> dict:
                                             *settings.overrides])
         trained = DiffusionKTOTrainer(cfg).train()
     with stage(settings, "evaluate"):
-        exported = Path(trained.exported[0])
-        adapter = {"lora": str(out / "model")} if exported.suffix == ".safetensors" else {"unet": str(out / "model")}
-        aligned = load_pipeline(settings.model, device="cpu", **adapter)
+        aligned = trained_pipeline(settings.model, trained, device="cpu")
         results = evaluate(base, aligned, judge, settings)
     with stage(settings, "report"):
         metrics = write_demo_report(out, settings, feedback, trained, results, time.perf_counter() - total)
@@ -137,20 +135,31 @@ def run_demo(settings: DemoSettings) -> dict:
     return metrics
 
 
+def trained_pipeline(model: str, trained, device: str | None = None):
+    """The base pipeline with a finished run's export on top: its LoRA adapters, or its full UNet."""
+    exported = Path(trained.exported[0])
+    if exported.suffix == ".safetensors":  # pytorch_lora_weights.safetensors in the run's folder
+        return load_pipeline(model, device=device, lora=str(exported.parent))
+    return load_pipeline(model, device=device, unet=str(exported))
+
+
+def score_model(pipe, judge, settings: DemoSettings) -> dict:
+    """One model on the held-out prompts and seeds: images, judge scores (prompt x group, image), fidelity, liked
+    share and diversity."""
+    images, prompts, seeds = eval_images(pipe, settings)
+    scores = np.asarray(judge(images, prompts), dtype=float)
+    return {
+        "images": images, "prompts": prompts, "seeds": seeds,
+        "scores": scores.reshape(-1, settings.images_per_prompt),
+        "fidelity": float(np.mean(judges.fidelity(images, prompts))),
+        "liked_share": float(np.mean(scores >= settings.threshold)),
+        "diversity": diversity(images, settings.images_per_prompt),
+    }
+
+
 def evaluate(base, aligned, judge, settings: DemoSettings) -> dict:
     """Scores, fidelity and diversity of base and aligned on the same held-out prompts and seeds."""
-    results = {}
-    for name, pipe in (("base", base), ("aligned", aligned)):
-        images, prompts, seeds = eval_images(pipe, settings)
-        scores = np.asarray(judge(images, prompts), dtype=float)
-        results[name] = {
-            "images": images, "prompts": prompts, "seeds": seeds,
-            "scores": scores.reshape(-1, settings.images_per_prompt),
-            "fidelity": float(np.mean(judges.fidelity(images, prompts))),
-            "liked_share": float(np.mean(scores >= settings.threshold)),
-            "diversity": diversity(images, settings.images_per_prompt),
-        }
-    return results
+    return {name: score_model(pipe, judge, settings) for name, pipe in (("base", base), ("aligned", aligned))}
 
 
 def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained, results: dict, seconds: float) -> dict:

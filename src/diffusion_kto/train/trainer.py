@@ -346,8 +346,8 @@ class DiffusionKTOTrainer:
         """Forward the loss for one micro-batch and backpropagate it (the optimizer step is done by the loop)."""
         cfg, acc = self.cfg, self.accelerator
         desirable = batch["desirable"].to(acc.device)
-        if cfg.loss.csft():  # condition on the label: "good image, ..." / "bad image, ..." (or as a suffix)
-            batch = {**batch, "prompts": [csft_prompt(p, d, cfg.loss.csft_position)
+        if position := cfg.loss.csft():  # condition on the label: "good image, ..." / "bad image, ..." (or a suffix)
+            batch = {**batch, "prompts": [csft_prompt(p, d, position)
                                           for p, d in zip(batch["prompts"], batch["desirable"].tolist())]}
         with acc.autocast():
             errs = self._errors(batch)
