@@ -1,0 +1,42 @@
+"""`dkto demo` end to end, seconds long: tiny budget, few steps, one seed group (diffusion_kto.toy.demo)."""
+import json
+
+import pytest
+
+from test_cli import dkto
+
+from diffusion_kto.toy.demo import DemoSettings, run_demo
+
+
+def test_demo_smoke_run_with_a_users_judge_writes_feedback_report_and_metrics(tmp_path):
+    judge = tmp_path / "my_judge.py"
+    judge.write_text("import numpy as np\n\ndef brightness(images, prompts):\n"
+                     "    return [float(np.asarray(im, dtype=float).mean() / 255) for im in images]\n")
+    out = tmp_path / "demo"
+    proc = dkto("demo", "--out", str(out), "--judge", f"{judge}:brightness", "--budget", "16", "--groups", "1",
+                "--threshold", "0.5", "train.max_steps=2", "train.batch_size=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "aligned beats base in" in proc.stdout
+    rows = [json.loads(line) for line in (out / "feedback" / "feedback.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all((out / "feedback" / r["image"]).is_file() for r in rows)
+    assert all(r["label"] == (r["score"] >= 0.5) for r in rows)  # labels come from the user's judge
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["judge"] == f"{judge}:brightness" and metrics["train"]["steps"] == 2
+    assert metrics["win_rate"]["n"] == metrics["settings"]["held_out_prompts"]  # one seed group per prompt
+    assert set(metrics["stage_seconds"]) == {"load base model", "collect feedback", "train (Diffusion-KTO)", "evaluate"}
+    for name in ("report.md", "report.html", "grid_base_vs_aligned__same_prompts_and_seeds.png"):
+        assert (out / name).is_file()
+
+
+def test_demo_with_lora_evaluates_the_adapters(tmp_path):
+    metrics = run_demo(DemoSettings(out=tmp_path / "demo", budget=16, groups_per_prompt=1,
+                                    overrides=("lora.rank=2", "train.max_steps=1", "train.batch_size=4")))
+    assert (tmp_path / "demo" / "model" / "pytorch_lora_weights.safetensors").is_file()
+    assert 0.0 <= metrics["win_rate"]["rate"] <= 1.0 and metrics["aligned"]["diversity"] > 0
+
+
+def test_demo_refuses_a_non_empty_output_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("earlier results")
+    with pytest.raises(FileExistsError, match="not empty"):
+        run_demo(DemoSettings(out=tmp_path))
+    assert (tmp_path / "keep.txt").read_text() == "earlier results"
