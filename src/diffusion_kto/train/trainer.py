@@ -40,10 +40,11 @@ MAX_SCALER_BACKOFFS = 30  # fp16: consecutive scaler-skipped steps (scale / 2**3
 
 @dataclass
 class StepOutput:
-    """What one micro-step produced: the reduced loss and local metric values."""
+    """What one micro-step produced: the reduced loss, local metric values, and whether the optimizer stepped."""
 
     loss: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    stepped: bool = False  # an optimizer step was taken (the last micro-step of an accumulation window, finite)
 
 
 @dataclass
@@ -118,7 +119,7 @@ class DiffusionKTOTrainer:
         self.optimizer = self._setup_optimizer()
         self.lr_scheduler = self._setup_lr_scheduler()
         self.family.wrap(self._prepare)
-        self.step = 0
+        self.global_step = 0
         self.micro_step = 0  # micro-batches seen: the clock of loss.reference_every
         self.reference: losses.RunningReference | None = None  # the running mismatched Q_ref (amortized)
         self.skipped = 0
@@ -275,6 +276,31 @@ class DiffusionKTOTrainer:
             cursors.update(part)
         return {"readers": self.stream_readers, "cursors": cursors}
 
+    # ---------------------------------------------------------------------------------------- public steps
+
+    def loader(self, start_step: int = 0):
+        """An endless DataLoader of this process's share of the global batches, from micro-step ``start_step``."""
+        return self._loader(start_step)
+
+    def accumulate(self):
+        """Context manager of one micro-step: gradients are synchronised and stepped at accumulation boundaries."""
+        return self.accelerator.accumulate(self.family.trainable_module())
+
+    def step(self, batch: dict[str, Any]) -> StepOutput:
+        """One micro-step: forward, loss, backward, and the optimizer step at an accumulation boundary."""
+        with self.accumulate():
+            result = self.train_step(batch)
+            result.stepped = self.optimizer_step(result)
+        return result
+
+    def optimizer_step(self, result: StepOutput) -> bool:
+        """Clip and step at an accumulation boundary (after a backward); skips non-finite steps. True if stepped."""
+        return self._optimizer_step(result)
+
+    def write_summary(self, result: "TrainResult") -> None:
+        """Write ``summary.json`` for a finished run (main process)."""
+        self._write_summary(result)
+
     # ---------------------------------------------------------------------------------------- one step
 
     def _prompt_embeddings(self, prompts: list[str]) -> torch.Tensor:
@@ -397,39 +423,37 @@ class DiffusionKTOTrainer:
             self._resume(cfg.train.resume)
         if cfg.log.report_to != "none":
             acc.init_trackers("diffusion-kto", config=_flat(to_dict(cfg)))
-        loader = iter(self._loader(self.step * cfg.train.grad_accum))
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", disable=not acc.is_local_main_process)
+        loader = iter(self._loader(self.global_step * cfg.train.grad_accum))
+        bar = tqdm(total=cfg.train.max_steps, initial=self.global_step, desc="train", disable=not acc.is_local_main_process)
         window: list[dict[str, float]] = []
-        start, start_step, waited = time.perf_counter(), self.step, 0.0
-        unet = self.family.trainable_module()
-        while self.step < cfg.train.max_steps:
+        start, start_step, waited = time.perf_counter(), self.global_step, 0.0
+        while self.global_step < cfg.train.max_steps:
             for _ in range(cfg.train.grad_accum):
                 fetch = time.perf_counter()
                 batch = next(loader)
                 wait = time.perf_counter() - fetch
                 waited += wait
                 self._note_stream(batch)
-                with acc.accumulate(unet):
-                    result = self.train_step(batch)
-                    stepped = self._optimizer_step(result)
+                result = self.step(batch)
+                stepped = result.stepped
                 window.append({**result.metrics, "data_wait_ms": wait * 1000})
             if not stepped:
                 continue
-            self.step += 1
+            self.global_step += 1
             bar.update(1)
-            if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps:
+            if self.global_step % cfg.log.every == 0 or self.global_step == cfg.train.max_steps:
                 metrics = self._log(window)
                 bar.set_postfix(postfix(metrics))
                 window = []
-            if cfg.log.validation_every and self.step % cfg.log.validation_every == 0:
+            if cfg.log.validation_every and self.global_step % cfg.log.validation_every == 0:
                 self.validate()
-            if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+            if cfg.train.checkpoint_every and self.global_step % cfg.train.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
         seconds = time.perf_counter() - start
         exported = self._finish()
-        images = (self.step - start_step) * cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
-        result = TrainResult(self.out, self.step, exported, seconds, images / max(seconds, 1e-9), self.skipped,
+        images = (self.global_step - start_step) * cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
+        result = TrainResult(self.out, self.global_step, exported, seconds, images / max(seconds, 1e-9), self.skipped,
                              main_process=acc.is_main_process, data_wait_seconds=waited,
                              data=self.screened.summary if self.screened else None)
         self._write_summary(result)
@@ -503,10 +527,10 @@ class DiffusionKTOTrainer:
         """Count a non-finite loss or gradient; stop after too many in a row (last checkpoint stays intact)."""
         self.skipped += 1
         self._consecutive_bad += 1
-        log.warning("non-finite loss or gradient at step %d: step skipped (%d so far)", self.step + 1, self.skipped)
+        log.warning("non-finite loss or gradient at step %d: step skipped (%d so far)", self.global_step + 1, self.skipped)
         if self._consecutive_bad >= 5:
             raise FloatingPointError(
-                f"{self._consecutive_bad} consecutive non-finite steps at step {self.step + 1}; stopping. "
+                f"{self._consecutive_bad} consecutive non-finite steps at step {self.global_step + 1}; stopping. "
                 "The last checkpoint is intact: lower optim.lr or loss.beta, or try train.mixed_precision=bf16/no"
             )
 
@@ -514,11 +538,11 @@ class DiffusionKTOTrainer:
         """Count a step the fp16 gradient scaler skipped; normal while it finds its scale, an error if it never does."""
         self.scaler_skipped += 1
         self._consecutive_overflow += 1
-        log.info("fp16 gradient scaler skipped step %d (overflow; scale now %g)", self.step + 1,
+        log.info("fp16 gradient scaler skipped step %d (overflow; scale now %g)", self.global_step + 1,
                  self.accelerator.scaler.get_scale())
         if self._consecutive_overflow >= MAX_SCALER_BACKOFFS:
             raise FloatingPointError(
-                f"the fp16 gradient scaler skipped {self._consecutive_overflow} steps in a row at step {self.step + 1} "
+                f"the fp16 gradient scaler skipped {self._consecutive_overflow} steps in a row at step {self.global_step + 1} "
                 "(the gradients overflow at every scale); stopping. Try train.mixed_precision=bf16 or no"
             )
 
@@ -530,9 +554,9 @@ class DiffusionKTOTrainer:
         values = acc.reduce(local, reduction="mean") if acc.num_processes > 1 else local
         metrics = {k: float(v) for k, v in zip(keys, values.tolist())}
         metrics["skipped_steps"] = float(self.skipped)
-        self.metrics_file.write(self.step, metrics)
+        self.metrics_file.write(self.global_step, metrics)
         if self.cfg.log.report_to != "none":
-            acc.log(metrics, step=self.step)
+            acc.log(metrics, step=self.global_step)
         return metrics
 
     # ---------------------------------------------------------------------------------------- I/O
@@ -545,11 +569,11 @@ class DiffusionKTOTrainer:
         if acc.is_main_process:
             path = checkpoint.save_checkpoint(
                 self.out / "checkpoints",
-                self.step,
+                self.global_step,
                 weights=weights,
                 optimizer=optimizer,
                 scheduler={"lr_scheduler": self.lr_scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
-                state={"step": self.step, "skipped": self.skipped, "scaler_skipped": self.scaler_skipped,
+                state={"step": self.global_step, "skipped": self.skipped, "scaler_skipped": self.scaler_skipped,
                        "reference": _reference_state(self.reference), **({"stream": stream} if stream else {}),
                        # fp16: the gradient scaler's scale and growth count, so a resumed run skips what this one would
                        **({"scaler": self.accelerator.scaler.state_dict()} if self.accelerator.scaler else {})},
@@ -593,7 +617,7 @@ class DiffusionKTOTrainer:
         self._load_states(state["weights"], state["optimizer"], path)
         self.lr_scheduler.load_state_dict(state["scheduler"]["lr_scheduler"])
         torch.set_rng_state(state["scheduler"]["torch_rng"])
-        self.step = int(state["state"]["step"])
+        self.global_step = int(state["state"]["step"])
         self.skipped = int(state["state"].get("skipped", 0))
         self.scaler_skipped = int(state["state"].get("scaler_skipped", 0))
         if self.accelerator.scaler and "scaler" in state["state"]:
@@ -601,17 +625,17 @@ class DiffusionKTOTrainer:
         self._stream_resume = state["state"].get("stream")
         if self.shards:
             self._keep_stream_cursors(self._stream_resume, path)
-        self.micro_step = self.step * self.cfg.train.grad_accum
+        self.micro_step = self.global_step * self.cfg.train.grad_accum
         self.reference = _restore_reference(state["state"].get("reference"))  # None: re-estimated at once
         if self.accelerator.is_main_process:
-            print(f"resumed from {path} at step {self.step}")
+            print(f"resumed from {path} at step {self.global_step}")
 
     def _finish(self) -> list[str]:
         """Final checkpoint (if checkpointing is on), validation images, and the diffusers export."""
         acc = self.accelerator
-        if self.cfg.train.checkpoint_every and self.step % self.cfg.train.checkpoint_every:
+        if self.cfg.train.checkpoint_every and self.global_step % self.cfg.train.checkpoint_every:
             self.save_checkpoint()
-        if self.cfg.log.validation_every and self.step % self.cfg.log.validation_every:
+        if self.cfg.log.validation_every and self.global_step % self.cfg.log.validation_every:
             self.validate()
         model_state = self._whole_model_state()
         exported = self.family.export(str(self.out), model_state) if acc.is_main_process else []
@@ -636,7 +660,7 @@ class DiffusionKTOTrainer:
         )
         if not acc.is_main_process:
             return None
-        path = self.out / "validation" / f"step-{self.step:08d}.png"
+        path = self.out / "validation" / f"step-{self.global_step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
         return path
