@@ -16,9 +16,10 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+from .objectives import OBJECTIVES, objective_class
 
-class ConfigError(ValueError):
-    """A config key is unknown or its value is invalid; the message names the key."""
+__all__ = ["Config", "ConfigError", "load_config", "save_config", "to_dict", "validate"]
 
 
 def _choice(default: str, choices: tuple[str, ...], help: str = "") -> Any:
@@ -84,7 +85,7 @@ class DataConfig:
 class LossConfig:
     """The objective: Diffusion-KTO or a baseline."""
 
-    name: str = _choice("kto", ("kto", "sft", "csft", "dpo"))  # sft/csft/dpo are the paper's baselines
+    name: str = _choice("kto", tuple(OBJECTIVES))  # sft/csft/dpo are the paper's baselines
     beta: float = _positive(5000.0, "paper: 5000; official script default 1000")
     utility: str = _choice("kt", ("kt", "loss_averse", "risk_seeking"))
     reference_point: str = _choice("mismatched", ("mismatched", "matched", "none"))
@@ -97,10 +98,6 @@ class LossConfig:
     # csft: where the "good image" / "bad image" phrase goes; the paper prefixes it. A suffix leaves a causal text
     # encoder's states of the prompt's own tokens as they were (the toy model's needs that: docs/method.md)
     csft_position: str = _choice("prefix", ("prefix", "suffix"))
-
-    def csft(self) -> str | None:
-        """CSFT's phrase position when the objective is CSFT, else None (prompts are used as given)."""
-        return self.csft_position if self.name == "csft" else None
 
 
 @dataclass
@@ -264,20 +261,11 @@ def _validate_cross_fields(cfg: Config) -> None:
     """Rules that involve more than one field."""
     if cfg.train.resume not in (None, "latest") and not _exists(cfg.train.resume):
         raise ConfigError(f"train.resume: {cfg.train.resume!r} is neither 'latest' nor an existing checkpoint folder")
-    if cfg.data.streaming and cfg.loss.name == "dpo":
-        raise ConfigError(
-            "data.streaming: loss.name=dpo pairs same-prompt rows, which a stream cannot look up; "
-            "make pairs first (dkto convert to-pairs) and train without streaming, or use kto / sft / csft"
-        )
     if cfg.data.streaming and cfg.data.cache:
         raise ConfigError("data.cache: a cache is keyed by the rows of a feedback dataset loaded up front, which "
                           "data.streaming=true never loads; drop one of the two")
-    if cfg.loss.name == "kto" and cfg.loss.reference_point == "mismatched" and cfg.train.batch_size < 2:
-        raise ConfigError(
-            "loss.reference_point=mismatched needs train.batch_size >= 2 (prompts are rolled within the batch); "
-            "use a larger batch or loss.reference_point=matched"
-        )
     _validate_amortized_reference(cfg)
+    objective_class(cfg.loss.name).check(cfg)  # the objective's own rules (e.g. mismatched pairs need a batch)
 
 
 def _validate_amortized_reference(cfg: Config) -> None:
@@ -293,12 +281,6 @@ def _validate_amortized_reference(cfg: Config) -> None:
         raise ConfigError(f"loss.reference_fraction: must be > 0, got {lc.reference_fraction}")
     if lc.reference_decay >= 1:
         raise ConfigError(f"loss.reference_decay: must be < 1 (1 would never update), got {lc.reference_decay}")
-    if cfg.loss.name == "kto" and lc.reference_point == "mismatched" and \
-            math.ceil(lc.reference_fraction * cfg.train.batch_size) < 2:
-        raise ConfigError(
-            f"loss.reference_fraction={lc.reference_fraction} leaves fewer than 2 of train.batch_size="
-            f"{cfg.train.batch_size} samples to roll prompts within; raise it to at least {2 / cfg.train.batch_size:g}"
-        )
 
 
 def _exists(path: str) -> bool:

@@ -1,0 +1,94 @@
+"""What an objective is: what it needs from the data and the forward pass, and its loss on typed errors.
+
+There is one object per ``loss.name`` (the registry is :data:`diffusion_kto.objectives.OBJECTIVES`). An objective
+imports no model, accelerator or config module: the trainer asks it what to compute (:meth:`Objective.plan`), hands
+it the :class:`Errors` of the forward pass and a ``gather`` function (a tensor of this process -> the tensor of
+every process, concatenated), and reduces the per-sample losses it returns. Configs are read by attribute only.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+Gather = Callable[[Tensor], Tensor]  # (n,) on this process -> (n * processes,) over all of them
+
+
+@dataclass(frozen=True)
+class Errors:
+    """Per-sample denoising errors of one micro-batch (paper Eq. 7): ||prediction - target||^2 of the policy and of
+    the frozen reference on the same x_t, t, noise and prompt. -log pi is the error up to constants, so the implicit
+    reward is g = reference - policy."""
+
+    policy: Tensor  # (B,) with gradient
+    reference: Tensor | None = None  # (B,) no gradient; None when the objective needs no reference
+    # the first n samples with their prompts rolled by one within the batch (unrelated pairs, paper §4.1); no gradient
+    policy_mismatched: Tensor | None = None  # (n,)
+    reference_mismatched: Tensor | None = None  # (n,)
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """Which errors the forward pass computes for one micro-step."""
+
+    reference: bool = False  # the reference's errors on the batch
+    mismatched: int = 0  # n > 0: policy and reference errors of the first n samples on prompts rolled by one
+
+
+@dataclass
+class LossOutput:
+    """Per-sample (or per-pair) losses, not reduced, and detached diagnostics for the log."""
+
+    losses: Tensor  # (B,) or (P,)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Objective:
+    """The base of every objective: the defaults of an objective that trains on liked and disliked rows as given."""
+
+    name: ClassVar[str]
+    needs_reference: ClassVar[bool] = False  # the frozen reference (adapters off, or a copy) must be loaded
+    needs_both_classes: ClassVar[bool] = True  # the feedback must hold liked and disliked rows
+    paired: ClassVar[bool] = False  # batches are pairs: all preferred images first, then their rejected partners
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """Refuse settings this objective cannot train with (raises ConfigError naming the key); nothing by default."""
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Objective:
+        """The objective of a validated run config (read by attribute: loss.*, data.*, train.*)."""
+        return cls()
+
+    def liked_share(self, gamma: float) -> float:
+        """The probability of drawing a liked row (paper §4.2: gamma = data.desirable_ratio)."""
+        return gamma
+
+    def condition(self, prompt: str, desirable: bool) -> str:
+        """The prompt the model is trained on for a row with this label (the prompt itself by default)."""
+        return prompt
+
+    def sampling_prompt(self, prompt: str) -> str:
+        """The prompt a trained model is sampled with for ``prompt`` (the prompt itself by default)."""
+        return prompt
+
+    def prompts_used(self, prompts: Sequence[str]) -> list[str]:
+        """Every distinct prompt the text encoder sees in training, for rows with these prompts (the cache's list)."""
+        return list(dict.fromkeys(prompts))
+
+    def plan(self, micro_step: int, batch_size: int) -> ForwardPlan:
+        """What the forward pass computes at micro-step ``micro_step`` (the policy's errors only by default)."""
+        return ForwardPlan()
+
+    def loss(self, errors: Errors, desirable: Tensor, gather: Gather) -> LossOutput:
+        """Per-sample losses and diagnostics of one micro-batch; ``desirable``: (B,) bool."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict | None:
+        """State that a resumed run must restore (JSON numbers), None when the objective keeps none."""
+        return None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Restore :meth:`state_dict` output (None: nothing kept)."""

@@ -1,0 +1,110 @@
+"""Diffusion-KTO (paper Eq. 8) as an objective: the reference point, its amortized estimate, the loss and its log."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import losses
+from ..errors import ConfigError
+from .base import Errors, ForwardPlan, Gather, LossOutput, Objective
+
+
+class KTO(Objective):
+    """loss_i = lambda_y (1 - U(s_i beta (g_i - Q_ref))) with Q_ref from mismatched pairs, the batch, or 0 (§4.1)."""
+
+    name = "kto"
+    needs_reference = True
+
+    def __init__(self, *, beta: float, utility: str = "kt", reference_point: str = "mismatched",
+                 reference_fraction: float = 1.0, reference_every: int = 1, reference_decay: float = 0.0,
+                 desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+        self.beta, self.utility = beta, utility
+        self.reference_mode = reference_point  # mismatched (paper), matched (official script), none
+        self.fraction, self.every, self.decay = reference_fraction, reference_every, reference_decay
+        self.weights = (desirable_weight, undesirable_weight)
+        self.running: losses.RunningReference | None = None  # the running mismatched Q_ref (amortized)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> KTO:
+        """The loss.* settings of a run config."""
+        lc = cfg.loss
+        return cls(beta=lc.beta, utility=lc.utility, reference_point=lc.reference_point,
+                   reference_fraction=lc.reference_fraction, reference_every=lc.reference_every,
+                   reference_decay=lc.reference_decay, desirable_weight=lc.desirable_weight,
+                   undesirable_weight=lc.undesirable_weight)
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """Mismatched pairs roll prompts within the batch: at least two samples must take part."""
+        lc, batch = cfg.loss, cfg.train.batch_size
+        if lc.reference_point != "mismatched":
+            return
+        if batch < 2:
+            raise ConfigError(
+                "loss.reference_point=mismatched needs train.batch_size >= 2 (prompts are rolled within the batch); "
+                "use a larger batch or loss.reference_point=matched"
+            )
+        if math.ceil(lc.reference_fraction * batch) < 2:
+            raise ConfigError(
+                f"loss.reference_fraction={lc.reference_fraction} leaves fewer than 2 of train.batch_size="
+                f"{batch} samples to roll prompts within; raise it to at least {2 / batch:g}"
+            )
+
+    def plan(self, micro_step: int, batch_size: int) -> ForwardPlan:
+        """Reference errors always; mismatched errors of the first ceil(f B) samples every k-th micro-step."""
+        fresh = self.reference_mode == "mismatched" and (self.running is None or micro_step % self.every == 0)
+        return ForwardPlan(reference=True, mismatched=math.ceil(self.fraction * batch_size) if fresh else 0)
+
+    def reference_point(self, errors: Errors, gather: Gather) -> Tensor:
+        """Q_ref over the global batch: per-sample errors gathered from every process, then mean and clamp (§4.1).
+
+        A mismatched estimate goes through the running mean of ``reference_decay``; micro-steps without a fresh one
+        (``reference_every`` > 1) reuse it."""
+        device = errors.policy.device
+        if self.reference_mode == "none":
+            return torch.zeros((), device=device)
+        policy, reference = ((errors.policy_mismatched, errors.reference_mismatched)
+                             if self.reference_mode == "mismatched" else (errors.policy, errors.reference))
+        if reference is not None:
+            estimate = losses.reference_point(gather(policy.detach()), gather(reference.detach()))
+            if self.reference_mode == "matched":
+                return estimate
+            self.running = losses.running_reference(self.running, estimate, self.decay)
+        return self.running.value.to(device)
+
+    def loss(self, errors: Errors, desirable: Tensor, gather: Gather) -> LossOutput:
+        """Eq. 8 per sample, with the reference point, the implicit rewards of each class and the accuracy logged."""
+        kl = self.reference_point(errors, gather)
+        out = losses.kto_loss(errors.policy, errors.reference, desirable, kl, beta=self.beta, utility=self.utility,
+                              desirable_weight=self.weights[0], undesirable_weight=self.weights[1])
+        # diagnostics over the global batch (a local slice may lack a class)
+        rewards, liked = gather(out.rewards).float(), gather(desirable)
+        return LossOutput(out.losses, {
+            "kl": float(kl),
+            "reward_liked": _mean(rewards[liked]),
+            "reward_disliked": _mean(rewards[~liked]),
+            "accuracy": out.accuracy.item(),
+            "ref_err": errors.reference.mean().item(),
+        })
+
+    def state_dict(self) -> dict | None:
+        """The running Q_ref as JSON numbers (float32 values round-trip exactly through a Python float)."""
+        r = self.running
+        return None if r is None else {"value": float(r.value), "raw": float(r.raw), "count": r.count}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Inverse of :meth:`state_dict`; None leaves Q_ref to be estimated afresh at the next micro-step."""
+        if state is None:
+            self.running = None
+            return
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+        self.running = losses.RunningReference(value=as_tensor(state["value"]), raw=as_tensor(state["raw"]),
+                                               count=int(state["count"]))
+
+
+def _mean(values: Tensor) -> float:
+    """The mean of a possibly empty tensor (NaN when empty: the class is absent from the batch)."""
+    return values.mean().item() if values.numel() else math.nan
