@@ -60,7 +60,8 @@ def test_round_trip_latents_and_text(tiny_sd, feedback, cache_dir):
             torch.testing.assert_close(got_mean, mean[0], atol=LATENT_ATOL, rtol=0)
             torch.testing.assert_close(got_std, std[0], atol=LATENT_ATOL, rtol=0)
     prompts = [rows[0].prompt, "", rows[1].prompt]
-    torch.testing.assert_close(cache.text(prompts), family.encode_prompts(prompts), atol=LATENT_ATOL, rtol=0)
+    torch.testing.assert_close(cache.text(prompts)["hidden_states"], family.encode_prompts(prompts).hidden_states,
+                               atol=LATENT_ATOL, rtol=0)
     shard = load_file(str(cache_dir / "latents-00000.safetensors"))
     assert shard["mean"].shape == (3, 2, 4, 8, 8) and shard["std"].dtype == torch.float32
 

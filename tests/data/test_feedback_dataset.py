@@ -115,12 +115,12 @@ def test_collate_with_the_sampler_and_workers(rows):
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, sampler=sampler, collate_fn=collate, num_workers=2)
     batches = list(itertools.islice(iter(loader), 2))
     batch = batches[1]
-    assert batch["pixel_values"].shape == (3, 3, 8, 8)
-    assert batch["desirable"].dtype == torch.bool and batch["rows"].dtype == torch.long
-    assert batch["draw_ids"].tolist() == [3, 4, 5]
-    assert batch["desirable"].tolist() == [rows[i].desirable for i in batch["rows"].tolist()]
+    assert batch.pixels.shape == (3, 3, 8, 8)
+    assert batch.desirable.dtype == torch.bool and batch.rows.dtype == torch.long
+    assert batch.draw_ids.tolist() == [3, 4, 5]
+    assert batch.desirable.tolist() == [rows[i].desirable for i in batch.rows.tolist()]
     expected = collate([dataset[d] for d in sampler.draws_for_step(1)])
-    assert torch.equal(batch["pixel_values"], expected["pixel_values"]) and batch["prompts"] == expected["prompts"]
+    assert torch.equal(batch.pixels, expected.pixels) and batch.prompts == expected.prompts
 
 
 def test_collate_empty_batch():

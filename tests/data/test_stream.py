@@ -83,8 +83,8 @@ def test_two_ranks_get_disjoint_draws_of_the_global_batch(shards):
 def test_dataloader_workers_take_turns(shards):
     loader = torch.utils.data.DataLoader(_dataset(shards), batch_size=4, num_workers=2, collate_fn=collate_stream)
     batches = list(itertools.islice(iter(loader), 4))
-    assert [b["draw_ids"].tolist() for b in batches] == [list(range(4 * s, 4 * s + 4)) for s in range(4)]
-    assert [b["stream"][:2] for b in batches] == [(0, 2), (1, 2), (0, 2), (1, 2)]
+    assert [b.draw_ids.tolist() for b in batches] == [list(range(4 * s, 4 * s + 4)) for s in range(4)]
+    assert [b.stream[:2] for b in batches] == [(0, 2), (1, 2), (0, 2), (1, 2)]
 
 
 def test_resume_starts_each_reader_at_its_cursor(shards):

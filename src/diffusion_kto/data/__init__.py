@@ -1,6 +1,6 @@
 """Feedback data: read and validate like/dislike rows, draw them with the γ-sampler (or stream them from shards), transform them into batches."""
 from .bad_rows import BadRow
-from .dataset import FeedbackDataset, collate
+from .dataset import Batch, FeedbackDataset, collate
 from .feedback import (
     FeedbackError,
     FeedbackRow,
@@ -18,6 +18,7 @@ from .stream import StreamingFeedbackDataset, collate_stream
 
 __all__ = [
     "BadRow",
+    "Batch",
     "DesirableSampler",
     "FeedbackDataset",
     "FeedbackError",

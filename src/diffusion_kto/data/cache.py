@@ -4,7 +4,8 @@ Layout of a cache folder::
 
     manifest.json              format, key (resolution, crop, flips, model id + fingerprints), image and prompt index
     latents-00000.safetensors  "mean", "std": (N, V, C, h, w) float32, V = 1 (unflipped) or 2 (unflipped, flipped)
-    text-00000.safetensors     "embeds": (M, L, D) float32, one row per distinct prompt ("" included)
+    text-00000.safetensors     the family's text conditioning, one tensor per field (SD: "hidden_states": (M, L, D)),
+                               float32, one row per distinct prompt ("" included)
 
 Images are keyed by the sha256 of their encoded bytes, so a changed image has no entry and is refused, and the
 same image in several rows is encoded once. The VAE posterior is stored as its mean and std, not as a sample: the
@@ -24,11 +25,10 @@ from pathlib import Path
 
 import torch
 
-from .baselines import csft_prompt
 from .feedback import FeedbackError, FeedbackRow, load_image
 from .transforms import DrawChoices, transform_image
 
-FORMAT = 1
+FORMAT = 2  # 2: text shards hold the family's conditioning fields by name (1 held one "embeds" tensor)
 MANIFEST = "manifest.json"
 
 
@@ -58,13 +58,9 @@ def image_hash(row: FeedbackRow) -> str:
         raise FeedbackError(f"{row.where}: image {str(row.image)!r} cannot be read ({err.strerror})") from None
 
 
-def prompts_used(rows: Sequence[FeedbackRow], *, caption_dropout: float, csft: str | None) -> list[str]:
-    """Every prompt a run can feed the text encoder: the rows' prompts, "" under caption dropout, and with ``csft``
-    (the phrase position, ``loss.csft()``) both CSFT phrasings of each instead."""
-    prompts = [r.prompt for r in rows] + ([""] if caption_dropout > 0 else [])
-    if csft:
-        prompts = [csft_prompt(p, d, csft) for p in prompts for d in (True, False)]
-    return list(dict.fromkeys(prompts))
+def row_prompts(rows: Sequence[FeedbackRow], *, caption_dropout: float) -> list[str]:
+    """The prompts of the rows, and "" under caption dropout (before an objective rewrites them), in row order."""
+    return [r.prompt for r in rows] + ([""] if caption_dropout > 0 else [])
 
 
 def write_cache(
@@ -73,7 +69,7 @@ def write_cache(
     key: CacheKey,
     *,
     moments: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    text: Callable[[list[str]], torch.Tensor] | None = None,
+    text: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
     prompts: Sequence[str] = (),
     shard_size: int = 1024,
     batch_size: int = 16,
@@ -81,7 +77,8 @@ def write_cache(
 ) -> Path:
     """Encode every distinct image (each flip variant) and prompt, write shards, then the manifest; returns it.
 
-    moments(pixels (n, 3, R, R)) -> VAE posterior (mean, std), each (n, C, h, w); text(prompts) -> (n, L, D)."""
+    moments(pixels (n, 3, R, R)) -> VAE posterior (mean, std), each (n, C, h, w); text(prompts) -> the family's
+    conditioning tensors by field name, each (n, ...)."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -119,9 +116,10 @@ def _write_text(out: Path, prompts: list[str], text, shard_size: int, batch_size
         return {}, []
     index, shards = {}, []
     for s, chunk in enumerate(_chunks(prompts, shard_size)):
-        embeds = torch.cat([text(list(batch)).float().cpu() for batch in _chunks(chunk, batch_size)])  # (n, L, D)
+        parts = [text(list(batch)) for batch in _chunks(chunk, batch_size)]  # [{field: (n, ...)}]
+        fields = {k: torch.cat([p[k].float().cpu() for p in parts]).contiguous() for k in parts[0]}
         name = f"text-{s:05d}.safetensors"
-        save_file({"embeds": embeds.contiguous()}, str(out / name))
+        save_file(fields, str(out / name))
         shards.append(name)
         index.update({p: [s, i] for i, p in enumerate(chunk)})
     return index, shards
@@ -207,16 +205,18 @@ class LatentCache:
         handle = self._open(self.latent_shards[shard])
         return handle.get_slice("mean")[i:i + 1][0, variant], handle.get_slice("std")[i:i + 1][0, variant]
 
-    def text(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Cached text embeddings of ``prompts``: (B, L, D) float32."""
+    def text(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Cached text conditioning of ``prompts``, field by field: each (B, ...) float32."""
         missing = self.missing_prompts(prompts)
         if missing:
             raise CacheError(f"{self.manifest_path}: key 'prompts' has no embedding for {missing[0]!r}")
-        rows = []
+        rows: dict[str, list[torch.Tensor]] = {}
         for p in prompts:
             shard, i = self.prompts[p]
-            rows.append(self._open(self.text_shards[shard]).get_slice("embeds")[i:i + 1][0])
-        return torch.stack(rows)
+            handle = self._open(self.text_shards[shard])
+            for name in handle.keys():
+                rows.setdefault(name, []).append(handle.get_slice(name)[i:i + 1][0])
+        return {name: torch.stack(values) for name, values in rows.items()}
 
     def _open(self, name: str):
         """A safetensors handle for a shard, opened once per process (DataLoader workers open their own)."""

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
 from functools import partial
-from dataclasses import dataclass
 
 import torch
 import torch.utils.data
@@ -91,16 +91,45 @@ def _split_key(key: tuple[int, int] | int) -> tuple[int, int]:
     return int(key), 0
 
 
-def collate(batch: Sequence[dict]) -> dict:
-    """Stack items: {"pixel_values": (B,3,R,R) or "latent_mean"/"latent_std": (B,C,h,w), "prompts",
-    "desirable": bool (B,), "rows", "draw_ids": (B,)}."""
+@dataclass
+class Batch:
+    """One micro-batch of feedback draws; for pairs (loss.name=dpo), every preferred image first, then their rejected
+    partners in the same order. Images come as pixels, or as the cached VAE posterior (``data.cache``)."""
+
+    prompts: list[str]
+    desirable: torch.Tensor  # (B,) bool: liked
+    rows: torch.Tensor  # (B,) int64: the feedback row of each sample
+    draw_ids: torch.Tensor  # (B,) int64: the draw each sample's randomness (crop, flip, dropout, noise, t) comes from
+    pixels: torch.Tensor | None = None  # (B, 3, R, R) in [-1, 1]
+    latent_mean: torch.Tensor | None = None  # (B, C, h, w) of the cached VAE posterior
+    latent_std: torch.Tensor | None = None  # (B, C, h, w)
+    stream: tuple[int, ...] | None = None  # data.streaming: (reader, readers, epoch, shard, row) after this batch
+
+    def __len__(self) -> int:
+        """The number of samples (images)."""
+        return len(self.prompts)
+
+    def with_prompts(self, prompts: list[str]) -> Batch:
+        """The same batch with other prompts (e.g. an objective's conditioning on the label)."""
+        return replace(self, prompts=list(prompts))
+
+    def pin_memory(self) -> Batch:
+        """Tensors in pinned memory (the DataLoader calls this with pin_memory=True)."""
+        pinned = {f.name: v.pin_memory() for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
+        return replace(self, **pinned)
+
+
+def collate(batch: Sequence[dict]) -> Batch:
+    """Stack items into a :class:`Batch`: pixels (B,3,R,R) or the cached latent mean / std (B,C,h,w), prompts,
+    desirable (B,) bool, rows and draw ids (B,) int64."""
     if not batch:
         raise ValueError("cannot collate an empty batch")
-    images = [k for k in ("pixel_values", "latent_mean", "latent_std") if k in batch[0]]
-    return {
-        **{k: torch.stack([item[k] for item in batch]) for k in images},
-        "prompts": [item["prompt"] for item in batch],
-        "desirable": torch.tensor([bool(item["desirable"]) for item in batch], dtype=torch.bool),
-        "rows": torch.tensor([int(item["row"]) for item in batch], dtype=torch.long),
-        "draw_ids": torch.tensor([int(item.get("draw_id", 0)) for item in batch], dtype=torch.long),
-    }
+    images = {k: torch.stack([item[k] for item in batch]) for k in ("pixel_values", "latent_mean", "latent_std")
+              if k in batch[0]}
+    return Batch(
+        prompts=[item["prompt"] for item in batch],
+        desirable=torch.tensor([bool(item["desirable"]) for item in batch], dtype=torch.bool),
+        rows=torch.tensor([int(item["row"]) for item in batch], dtype=torch.long),
+        draw_ids=torch.tensor([int(item.get("draw_id", 0)) for item in batch], dtype=torch.long),
+        pixels=images.get("pixel_values"), latent_mean=images.get("latent_mean"), latent_std=images.get("latent_std"),
+    )

@@ -27,13 +27,13 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch.utils.data
 
-from .dataset import ItemTransform, collate
+from .dataset import Batch, ItemTransform, collate
 from .feedback import FeedbackError, FeedbackRow
 from .sampler import BLOCK, liked_draws
 from .shards import read_shard
@@ -196,6 +196,6 @@ class StreamingFeedbackDataset(torch.utils.data.IterableDataset):
                 yield {**self.transform(row, -1, k), "stream": (reader, readers, *astuple(buffers.cursor))}
 
 
-def collate_stream(batch: Sequence[dict]) -> dict:
-    """`collate`, plus "stream": (reader, readers, epoch, shard, row), the cursor of the reader after this batch."""
-    return {**collate(batch), "stream": tuple(batch[-1]["stream"])}
+def collate_stream(batch: Sequence[dict]) -> Batch:
+    """`collate`, plus ``stream``: (reader, readers, epoch, shard, row), the cursor of the reader after this batch."""
+    return replace(collate(batch), stream=tuple(batch[-1]["stream"]))

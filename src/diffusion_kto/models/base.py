@@ -1,10 +1,70 @@
-"""The small interface every model family implements; the trainer never asks which family it has."""
+"""The small interface every model family implements; the trainer never asks which family it has.
+
+A family owns its conditioning (:class:`Conditioning`: SD's text states, SDXL's pooled embeddings and time ids,
+...), its timestep law (discrete t for DDPM-trained UNets, sigma in [0, 1] for flow matching) and its regression
+target (epsilon, v, or a velocity); :mod:`diffusion_kto.forward` turns them into per-sample errors."""
 from __future__ import annotations
 
-from typing import Callable, ContextManager, Protocol
+import dataclasses
+from typing import Callable, ContextManager, NamedTuple, Protocol, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
+
+C = TypeVar("C", bound="Conditioning")
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+    """A family's conditioning of a batch: named tensor fields, each with the batch as its first dim (B, ...).
+
+    Subclasses are frozen dataclasses whose fields are tensors (or None for an absent part). The text part is what
+    `dkto cache` stores per prompt (:meth:`tensors` / :meth:`from_tensors`)."""
+
+    def _map(self: C, fn: Callable[[Tensor], Tensor]) -> C:
+        """The same conditioning with ``fn`` applied to every tensor field."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{k: fn(v) for k, v in values.items() if v is not None})
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The fields that are set, by name."""
+        return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
+
+    @classmethod
+    def from_tensors(cls: type[C], tensors: dict[str, Tensor]) -> C:
+        """Inverse of :meth:`tensors`."""
+        return cls(**tensors)
+
+    @classmethod
+    def cat(cls: type[C], parts: Sequence[C]) -> C:
+        """The batches of ``parts`` one after another, field by field."""
+        names = parts[0].tensors()
+        return dataclasses.replace(parts[0], **{k: torch.cat([p.tensors()[k] for p in parts]) for k in names})
+
+    def to(self: C, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> C:
+        """Moved to ``device``; floating-point fields cast to ``dtype`` (integer ids keep theirs)."""
+        return self._map(lambda t: t.to(device, dtype=dtype if dtype is not None and t.is_floating_point() else None))
+
+    def __getitem__(self: C, index) -> C:
+        """The rows ``index`` (a slice or an index tensor) of every field."""
+        return self._map(lambda t: t[index])
+
+    def __len__(self) -> int:
+        """The batch size."""
+        return len(next(iter(self.tensors().values())))
+
+    def mismatched(self: C) -> C:
+        """The conditioning with its prompts rolled by one within the batch: unrelated (image, prompt) pairs for the
+        mismatched reference point (paper §4.1). Families whose conditioning has per-image parts keep those."""
+        return self._map(lambda t: t.roll(1, dims=0))
+
+
+class Noised(NamedTuple):
+    """A noised batch and what the network must predict for it."""
+
+    x_t: Tensor  # (B, C, h, w)
+    target: Tensor  # (B, C, h, w): epsilon, v or the flow velocity
+    weight: Tensor | None = None  # (B,) per-sample error weights (flow-matching loss weightings); None = 1
 
 
 class DiffusionFamily(Protocol):
@@ -14,20 +74,21 @@ class DiffusionFamily(Protocol):
     or a frozen copy). Everything a family returns is on the family's device."""
 
     device: torch.device
-    num_train_timesteps: int
+    weight_dtype: torch.dtype
     has_reference: bool  # False for objectives that need none (sft, csft with a full fine-tune)
+    conditioning: type[Conditioning]  # the family's conditioning class (rebuilt from cached tensors)
 
     def trainable_module(self) -> nn.Module:
-        """The module whose parameters are optimised (the UNet, possibly wrapped)."""
+        """The module whose parameters are optimised (the UNet or transformer, possibly wrapped)."""
 
     def wrap(self, prepare: Callable[[nn.Module], nn.Module]) -> None:
         """Replace the trainable module by ``prepare(module)`` (e.g. a DDP wrapper)."""
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters with requires_grad (LoRA weights or the whole UNet)."""
+        """Parameters with requires_grad (LoRA weights or the whole network)."""
 
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
-        """Text embeddings c, (B, L, D)."""
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """The conditioning of a batch of prompts (no gradient)."""
 
     def overlong_prompts(self, prompts: list[str]) -> list[str]:
         """The prompts longer than the text encoder's context, which :meth:`encode_prompts` truncates."""
@@ -41,10 +102,13 @@ class DiffusionFamily(Protocol):
     def encode_images(self, pixels: Tensor, noise_fn: Callable[[tuple[int, ...]], Tensor]) -> Tensor:
         """Scaled latents x0 of images in [-1, 1]: sample_latents(*latent_moments(pixels), noise_fn)."""
 
-    def noisy(self, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """(x_t, regression target) for the family's prediction type."""
+    def timesteps(self, seed: int, draw_ids: Tensor, stream: int) -> Tensor:
+        """Each sample's timestep from its own (seed, draw id, stream) generator: (B,) (discrete t or sigma)."""
 
-    def predict(self, x_t: Tensor, t: Tensor, cond: Tensor, *, reference: bool = False) -> Tensor:
+    def noisy(self, x0: Tensor, noise: Tensor, t: Tensor) -> Noised:
+        """x_t, the regression target and per-sample weights for the family's forward process."""
+
+    def predict(self, x_t: Tensor, t: Tensor, cond: Conditioning, *, reference: bool = False) -> Tensor:
         """The network output for (x_t, t, c), from the policy or (no grad) from the reference."""
 
     def trainable_state(self, model_state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -70,4 +134,3 @@ def unwrap(module: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return module
         module = inner
-

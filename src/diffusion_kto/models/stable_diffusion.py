@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -13,10 +14,17 @@ import torch
 from torch import Tensor, nn
 
 from .. import diffusion
-from .base import unwrap
+from .base import Conditioning, Noised, unwrap
 
 
 COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEmbeddings(Conditioning):
+    """SD 1.x / 2.x conditioning: the CLIP text encoder's last hidden states, cross-attended by the UNet."""
+
+    hidden_states: Tensor  # (B, L, D)
 
 
 def _load_parts(pretrained: str, revision: str | None, variant: str | None, components=COMPONENTS) -> dict:
@@ -51,6 +59,8 @@ def _frozen(module: nn.Module | None, device: torch.device, dtype: torch.dtype) 
 
 class StableDiffusion:
     """SD 1.x / 2.x behind :class:`~diffusion_kto.models.base.DiffusionFamily`."""
+
+    conditioning = TextEmbeddings
 
     def __init__(
         self,
@@ -151,7 +161,7 @@ class StableDiffusion:
         return module
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
+    def encode_prompts(self, prompts: list[str]) -> TextEmbeddings:
         """CLIP text embeddings, (B, L, D), padded to the tokenizer's max length."""
         text_encoder = self._require("text_encoder")
         ids = self.tokenizer(
@@ -161,7 +171,7 @@ class StableDiffusion:
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        return text_encoder(ids)[0]  # (B, L, D)
+        return TextEmbeddings(text_encoder(ids)[0])  # (B, L, D)
 
     def overlong_prompts(self, prompts: list[str]) -> list[str]:
         """Prompts whose tokens (with start and end tokens) exceed the tokenizer's model_max_length."""
@@ -188,17 +198,23 @@ class StableDiffusion:
         """x0 of images in [-1, 1]: :meth:`latent_moments` then :meth:`sample_latents`."""
         return self.sample_latents(*self.latent_moments(pixels), noise_fn)
 
-    def noisy(self, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """(x_t, target) with the scheduler's forward process and prediction type."""
-        noise, t = noise.to(x0), t.to(x0.device)
-        return diffusion.add_noise(self.noise_scheduler, x0, noise, t), diffusion.target(self.noise_scheduler, x0, noise, t)
+    def timesteps(self, seed: int, draw_ids: Tensor, stream: int) -> Tensor:
+        """t ~ Uniform{0, ..., T-1} per sample (Eq. 7), each from its (seed, draw id, stream) generator: (B,) int64."""
+        return diffusion.per_sample_timesteps(self.num_train_timesteps, seed, draw_ids, stream)
 
-    def predict(self, x_t: Tensor, t: Tensor, cond: Tensor, *, reference: bool = False) -> Tensor:
+    def noisy(self, x0: Tensor, noise: Tensor, t: Tensor) -> Noised:
+        """(x_t, target) with the scheduler's forward process and prediction type (epsilon or v)."""
+        noise, t = noise.to(x0), t.to(x0.device)
+        return Noised(diffusion.add_noise(self.noise_scheduler, x0, noise, t),
+                      diffusion.target(self.noise_scheduler, x0, noise, t))
+
+    def predict(self, x_t: Tensor, t: Tensor, cond: TextEmbeddings, *, reference: bool = False) -> Tensor:
         """UNet output for (x_t, t, c); the reference runs without grad."""
         if not reference:
-            return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+            return self.unet(x_t, t, encoder_hidden_states=cond.hidden_states, return_dict=False)[0]
         with torch.no_grad(), self.reference_weights() as ref:
-            return ref(x_t.to(self.weight_dtype), t, encoder_hidden_states=cond.to(self.weight_dtype), return_dict=False)[0]
+            states = cond.hidden_states.to(self.weight_dtype)
+            return ref(x_t.to(self.weight_dtype), t, encoder_hidden_states=states, return_dict=False)[0]
 
     @contextlib.contextmanager
     def reference_weights(self) -> Iterator[nn.Module]:
