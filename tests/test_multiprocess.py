@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from tiny import tiny_overrides
 from diffusion_kto.config import load_config
 from diffusion_kto.train import DiffusionKTOTrainer
-from diffusion_kto.train import launch
+from diffusion_kto.train.distributed import launch
 
 ATOL = 1e-4
 RUN = {"lora.rank": 4, "loss.reference_point": "matched", "loss.beta": 5000.0, "train.max_steps": 3}
@@ -227,26 +227,26 @@ def _launched(kind, fsdp_version=2):
 def test_trainer_refuses_megatron(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     from diffusion_kto.config import ConfigError
-    from diffusion_kto.train.trainer import _require_supported_distribution
+    from diffusion_kto.train.distributed import require_supported_distribution
 
     with pytest.raises(ConfigError, match="MEGATRON_LM is not supported"):
-        _require_supported_distribution(_launched("MEGATRON_LM"))
+        require_supported_distribution(_launched("MEGATRON_LM"))
 
 
 def test_trainer_refuses_a_deepspeed_launch_that_accelerate_ran_as_ddp(monkeypatch):
     """With --cpu / ACCELERATE_USE_CPU accelerate ignores a DeepSpeed launch (MULTI_CPU, plain DDP): refused."""
     from diffusion_kto.config import ConfigError
-    from diffusion_kto.train.trainer import _require_supported_distribution
+    from diffusion_kto.train.distributed import require_supported_distribution
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    _require_supported_distribution(_launched("DEEPSPEED"))
+    require_supported_distribution(_launched("DEEPSPEED"))
     with pytest.raises(ConfigError, match="runs it as MULTI_CPU"):
-        _require_supported_distribution(_launched("MULTI_CPU"))
+        require_supported_distribution(_launched("MULTI_CPU"))
 
 
 def test_deepspeed_takes_batch_accumulation_and_clipping_from_the_run_config(tiny_sd, feedback, tmp_path):
     from diffusion_kto.config import ConfigError
-    from diffusion_kto.train import zero
+    from diffusion_kto.train.distributed import zero
 
     cfg = load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path, **{"train.batch_size": 3, "train.grad_accum": 2,
                                                                            "optim.max_grad_norm": 0.5}))
@@ -265,25 +265,25 @@ def test_deepspeed_takes_batch_accumulation_and_clipping_from_the_run_config(tin
 def test_trainer_takes_ddp_and_fsdp2_but_refuses_fsdp1(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     from diffusion_kto.config import ConfigError
-    from diffusion_kto.train.trainer import _require_supported_distribution
+    from diffusion_kto.train.distributed import require_supported_distribution
 
     for kind in ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP"):
-        _require_supported_distribution(_launched(kind))
+        require_supported_distribution(_launched(kind))
     with pytest.raises(ConfigError, match="fsdp_version: 2"):
-        _require_supported_distribution(_launched("FSDP", fsdp_version=1))
+        require_supported_distribution(_launched("FSDP", fsdp_version=1))
 
 
 def test_resume_refuses_a_checkpoint_of_the_other_layout(tmp_path):
     from diffusion_kto.config import ConfigError
-    from diffusion_kto.train.trainer import _require_same_optimizer_layout
+    from diffusion_kto.train.distributed import require_same_optimizer_layout
 
     ddp, fsdp = ({"state": {}, "param_groups": [{"params": params}]} for params in ([0, 1], ["conv_in.weight"]))
-    _require_same_optimizer_layout(ddp, fsdp=False, path=tmp_path)
-    _require_same_optimizer_layout(fsdp, fsdp=True, path=tmp_path)
+    require_same_optimizer_layout(ddp, fsdp=False, path=tmp_path)
+    require_same_optimizer_layout(fsdp, fsdp=True, path=tmp_path)
     with pytest.raises(ConfigError, match="written by an FSDP run"):
-        _require_same_optimizer_layout(fsdp, fsdp=False, path=tmp_path)
+        require_same_optimizer_layout(fsdp, fsdp=False, path=tmp_path)
     with pytest.raises(ConfigError, match="cannot be resumed under FSDP"):
-        _require_same_optimizer_layout(ddp, fsdp=True, path=tmp_path)
+        require_same_optimizer_layout(ddp, fsdp=True, path=tmp_path)
 
 
 @pytest.mark.slow

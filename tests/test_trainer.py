@@ -135,7 +135,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_sd, feedback, tmp_path, mon
     monkeypatch.setattr(losses, "kto_loss", nan_loss)
     with pytest.raises(FloatingPointError, match="consecutive non-finite"):
         trainer.train()
-    assert trainer.skipped == 5
+    assert trainer.guard.skipped == 5
     for n, p in trainer.family.unet.named_parameters():
         if p.requires_grad:
             assert torch.equal(before[n], p.detach()), n
@@ -202,32 +202,34 @@ def test_on_bad_row_error_is_the_default_and_names_every_row(tiny_sd, tmp_path):
     assert not out.exists()
 
 
-def _record_reference_passes(trainer):
-    """Wrap trainer._errors to record the size of each step's mismatched estimate (0: none this step)."""
-    sizes, real = [], trainer._errors
+def _record_reference_passes(monkeypatch):
+    """Wrap the forward pass to record the size of each step's mismatched estimate (0: none this step)."""
+    from diffusion_kto import forward
 
-    def errors(batch):
-        out = real(batch)
-        sizes.append(len(out.get("ref_err_mismatched", ())))
+    sizes, real = [], forward.denoising_errors
+
+    def errors(*args, **kwargs):
+        out = real(*args, **kwargs)
+        sizes.append(0 if out.reference_mismatched is None else len(out.reference_mismatched))
         return out
 
-    trainer._errors = errors
+    monkeypatch.setattr(forward, "denoising_errors", errors)  # the trainer calls it through the module
     return sizes
 
 
-def test_amortized_reference_every_k_and_fraction(tiny_sd, feedback, tmp_path):
+def test_amortized_reference_every_k_and_fraction(tiny_sd, feedback, tmp_path, monkeypatch):
     """reference_every=2: fresh mismatched estimates on micro-steps 0, 2 only, on ceil(0.5 * 4) = 2 samples."""
     cfg = load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "run", **{
         "lora.rank": 2, "train.max_steps": 4, "loss.reference_every": 2, "loss.reference_fraction": 0.5,
         "loss.reference_decay": 0.5}))
     trainer = DiffusionKTOTrainer(cfg)
-    sizes = _record_reference_passes(trainer)
+    sizes = _record_reference_passes(monkeypatch)
     trainer.train()
     assert sizes == [2, 0, 2, 0]
-    assert trainer.reference.count == 2
+    assert trainer.objective.running.count == 2
 
 
-def test_amortized_reference_resumes_exactly(tiny_sd, feedback, tmp_path):
+def test_amortized_reference_resumes_exactly(tiny_sd, feedback, tmp_path, monkeypatch):
     """The running Q_ref and its clock are checkpointed: 4 straight steps == 3 + resume + 1 (bitwise on CPU)."""
     common = {"lora.rank": 2, "train.checkpoint_every": 3, "loss.reference_every": 2, "loss.reference_decay": 0.5}
     DiffusionKTOTrainer(load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "a", **common,
@@ -236,7 +238,7 @@ def test_amortized_reference_resumes_exactly(tiny_sd, feedback, tmp_path):
                                                          **{"train.max_steps": 3}))).train()
     resumed = DiffusionKTOTrainer(load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "b", **common, **{
         "train.max_steps": 4, "train.resume": "latest"})))
-    sizes = _record_reference_passes(resumed)
+    sizes = _record_reference_passes(monkeypatch)
     resumed.train()
     assert sizes == [0]  # micro-step 3 reuses the restored estimate
     a = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))

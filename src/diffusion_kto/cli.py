@@ -132,7 +132,7 @@ def _run_train(args) -> int:
     from .config import load_config
     from .data.bad_rows import SKIPPED_ROWS_FILE
     from .train import DiffusionKTOTrainer
-    from .train.launch import maybe_launch
+    from .train.distributed.launch import maybe_launch
 
     code = maybe_launch(args.num_processes, (["--config", args.config] if args.config else []) + args.overrides)
     if code is not None:

@@ -1,5 +1,6 @@
-"""Training: the accelerate loop and crash-safe checkpoints."""
+"""Training: the loop (:mod:`.trainer`), crash-safe checkpoints, distributed plumbing, metrics and `dkto cache`."""
 from .inputs import load_feedback
-from .trainer import DiffusionKTOTrainer, StepOutput, TrainResult, check_output_dir
+from .metrics import TrainResult
+from .trainer import DiffusionKTOTrainer, StepOutput, check_output_dir
 
 __all__ = ["DiffusionKTOTrainer", "StepOutput", "TrainResult", "check_output_dir", "load_feedback"]

@@ -14,11 +14,11 @@ from ..data import BadRow, Screened, read_feedback, screen_feedback
 from ..data.bad_rows import SKIPPED_ROWS_FILE, write_skipped_rows
 from ..data.feedback import FeedbackError, image_problem
 from ..data.shards import list_shards, read_shard
+from ..objectives import objective_class
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_LOSSES_NEEDING_BOTH_CLASSES = {"kto", "csft", "dpo"}
 
 
 def load_feedback(cfg: Config) -> Screened:
@@ -34,7 +34,7 @@ def load_feedback(cfg: Config) -> Screened:
         bad_rows=bad_rows,
     )
     return screen_feedback(rows, bad_rows, skip=cfg.data.on_bad_row == "skip",
-                           need_both_classes=cfg.loss.name in _LOSSES_NEEDING_BOTH_CLASSES)
+                           need_both_classes=objective_class(cfg.loss.name).needs_both_classes)
 
 
 def write_data_report(cfg: Config, screened: Screened, out: Path, overlong_prompts: int = 0) -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError
-from ..data.cache import CacheKey, prompts_used, write_cache
+from ..data.cache import CacheKey, row_prompts, write_cache
 from ..models import component_fingerprint, load_family, resolve_pretrained
+from ..objectives import build_objective
 from .inputs import DTYPES, load_feedback
 
 
@@ -44,7 +45,9 @@ def build_cache(cfg: Config, out: str | Path, *, text: bool = True, overwrite: b
     device = "cuda" if torch.cuda.is_available() else "cpu"
     family = load_family(cfg, weight_dtype=DTYPES[cfg.train.mixed_precision], device=device, with_reference=False,
                          components=("vae", "text_encoder") if text else ("vae",))
-    prompts = prompts_used(rows, caption_dropout=cfg.data.caption_dropout, csft=cfg.loss.csft()) if text else ()
+    objective = build_objective(cfg)  # the prompts as the objective conditions them (CSFT: both phrasings)
+    prompts = objective.prompts_used(row_prompts(rows, caption_dropout=cfg.data.caption_dropout)) if text else ()
+    encode = (lambda batch: family.encode_prompts(batch).tensors()) if text else None  # noqa: E731
     shutil.rmtree(out, ignore_errors=True)  # --overwrite: no shard of an older cache survives beside the new one
-    return write_cache(out, rows, key, moments=family.latent_moments, text=family.encode_prompts if text else None,
+    return write_cache(out, rows, key, moments=family.latent_moments, text=encode,
                        prompts=prompts, shard_size=shard_size, batch_size=batch_size, progress=progress)

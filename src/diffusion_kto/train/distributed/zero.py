@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from ..config import Config, ConfigError
+from ...config import Config, ConfigError
 
 # DeepSpeed config key -> the run config field that sets it (an explicit, different value in the accelerate config
 # is refused)
