@@ -158,6 +158,13 @@ def test_baselines_train(tiny_sd, tmp_path, name):
     lora = {n: p.detach().clone() for n, p in trainer.family.unet.named_parameters() if p.requires_grad}
     assert trainer.train().steps == 3
     assert all(not torch.equal(lora[n], p) for n, p in trainer.family.unet.named_parameters() if p.requires_grad)
+    logged = logged_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(logged) == 3 and all(row["loss"] is not None and row["policy_err"] is not None for row in logged)
+    if name == "dpo":  # each objective logs its own diagnostics: DPO's accuracy over pairs, margin and reference error
+        assert all({"accuracy", "margin", "ref_err"} <= row.keys() for row in logged)
+        assert all(0.0 <= row["accuracy"] <= 1.0 and row["ref_err"] > 0 for row in logged)
+    else:
+        assert not {"accuracy", "margin", "kl"} & logged[0].keys()
 
 
 def test_full_sft_keeps_no_reference_copy(tiny_sd, feedback, tmp_path):
