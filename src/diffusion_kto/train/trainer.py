@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 from .. import diffusion, losses
 from ..config import Config, ConfigError, save_config, to_dict
 from ..data import DesirableSampler, FeedbackDataset, FeedbackSummary, collate
-from ..data.baselines import PairDataset, collate_pairs, csft_prompt
+from ..data.baselines import csft_prompt
 from ..data.cache import CacheError, LatentCache, prompts_used
-from ..data.convert import feedback_to_pairs
+from ..data.pairs import PairDataset, collate_pairs, feedback_to_pairs
 from ..data.stream import StreamingFeedbackDataset, check_readers, collate_stream
 from ..models import DiffusionFamily, load_family
 from . import checkpoint, sharded, zero
