@@ -30,6 +30,7 @@ FEEDBACK_FILE = "feedback.jsonl"  # what `dkto demo` and `dkto convert` write
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", FEEDBACK_FILE)  # an image folder's feedback, first found wins
 SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # written by save_to_disk
 DATASETS_PURPOSE = "reading Hugging Face datasets (save_to_disk folders, hub ids)"
+_DELIMITERS = {".csv": ",", ".tsv": "\t"}  # text table suffix -> field delimiter
 _PACKAGES = {"pyarrow.parquet": "pyarrow", "datasets": "`datasets`"}  # module -> what the error calls it
 _HUB_ID = re.compile(r"(\w[\w.-]*/)?\w[\w.-]*")  # `name` or `owner/name`, the shape of a hub repo id
 _PARQUET_BATCH = 64  # rows per parquet batch: Pick-a-Pic rows carry two ~0.5 MB JPEGs
@@ -189,8 +190,8 @@ def csv_records(
 
 def column_names(path: Path, name: str) -> set[str]:
     """The keys of the first object of a JSON-lines file, or the header of a CSV file (empty if none)."""
-    if path.suffix.lower() in (".csv", ".tsv"):
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    delimiter = _DELIMITERS.get(path.suffix.lower())
+    if delimiter:
         text = _decode(read_bytes(path, name), name)
         return set(next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), []))
     return next((set(item[1]) for item in _json_lines(path, name) if not isinstance(item, BadRow)), set())
@@ -207,15 +208,16 @@ def parquet_records(path: Path, name: str, columns: Columns, base: Path | None) 
         handle = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a broken file
         raise FeedbackError(f"{name}: cannot read parquet ({first_line(err)})") from None
-    present = handle.schema_arrow.names
-    require_columns(present, columns, name)
-    wanted = [c for c in columns.wanted if c in present]
-    index = 0
-    for batch in _parquet_batches(handle, wanted, name):
-        data = batch.to_pydict()  # column -> list of the batch's values
-        for i in range(batch.num_rows):
-            yield Record(f"{name}[{index}]", {c: data[c][i] for c in wanted}, base)
-            index += 1
+    with handle:  # closed when the records are all read (or the generator is dropped)
+        present = handle.schema_arrow.names
+        require_columns(present, columns, name)
+        wanted = [c for c in columns.wanted if c in present]
+        index = 0
+        for batch in _parquet_batches(handle, wanted, name):
+            data = batch.to_pydict()  # column -> list of the batch's values
+            for i in range(batch.num_rows):
+                yield Record(f"{name}[{index}]", {c: data[c][i] for c in wanted}, base)
+                index += 1
 
 
 def _parquet_batches(handle, wanted: list[str], name: str) -> Iterator:
@@ -325,8 +327,8 @@ def file_records(path: Path, name: str, columns: Columns, base: Path | None = No
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         return jsonl_records(path, name, columns, base)
-    if suffix in (".csv", ".tsv"):
-        return csv_records(path, name, columns, base, delimiter="\t" if suffix == ".tsv" else ",")
+    if suffix in _DELIMITERS:
+        return csv_records(path, name, columns, base, _DELIMITERS[suffix])
     if suffix == ".parquet":
         return parquet_records(path, name, columns, base)
     raise FeedbackError(f"{name}: unsupported file type '{suffix}' (use .jsonl, .csv, .tsv or .parquet)")
