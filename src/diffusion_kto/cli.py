@@ -232,11 +232,12 @@ def _add_convert(sub) -> None:
 
 def _run_convert(args) -> int:
     from .data import convert, read_feedback
+    from .data.pairs import feedback_to_pairs, write_pairs
 
     kind = args.convert_command
     if kind == "to-pairs":
-        pairs = convert.feedback_to_pairs(read_feedback(args.src), args.max_pairs_per_prompt or None, args.seed)
-        print(f"wrote {len(pairs)} pairs to {convert.write_pairs(pairs, args.out)}")
+        pairs = feedback_to_pairs(read_feedback(args.src), args.max_pairs_per_prompt or None, args.seed)
+        print(f"wrote {len(pairs)} pairs to {write_pairs(pairs, args.out)}")
         return 0
     if kind == "shards":
         from .data.shards import shard_pattern, write_shards

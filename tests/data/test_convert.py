@@ -10,17 +10,10 @@ from PIL import Image
 
 from diffusion_kto.cli import main
 from diffusion_kto.data import FeedbackError, load_image, read_feedback
-from diffusion_kto.data.convert import (
-    categorize,
-    feedback_to_pairs,
-    official_csv_to_feedback,
-    pairs_to_feedback,
-    pickapic_to_feedback,
-    policy_label,
-    read_official_csv,
-    resolve_policy,
-    write_pairs,
-)
+from diffusion_kto.data.convert import official_csv_to_feedback, pairs_to_feedback, pickapic_to_feedback
+from diffusion_kto.data.official import read_official_csv
+from diffusion_kto.data.pairs import feedback_to_pairs, write_pairs
+from diffusion_kto.data.policies import categorize, policy_label, resolve_policy
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

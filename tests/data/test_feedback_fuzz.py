@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diffusion_kto.data import FeedbackError, read_feedback
-from diffusion_kto.data.feedback import FALSE_LABELS, MAX_PROMPT_CHARS, TRUE_LABELS
+from diffusion_kto.data.rows import FALSE_LABELS, MAX_PROMPT_CHARS, TRUE_LABELS
 
 SETTINGS = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from diffusion_kto.data import FeedbackError, parse_label
-from diffusion_kto.data.feedback import FALSE_LABELS, TRUE_LABELS
+from diffusion_kto.data.rows import FALSE_LABELS, TRUE_LABELS
 
 LIKED = [True, 1, "1", "true", "like", "liked", "desirable", "yes", "good", "win"]
 DISLIKED = [False, 0, "0", "false", "dislike", "disliked", "undesirable", "no", "bad", "lose"]

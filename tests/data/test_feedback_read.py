@@ -153,9 +153,9 @@ def test_load_image_is_rgb_and_composites_transparency_on_white(tmp_path, png_by
 
 
 def test_pil_images_become_png_bytes():
-    from diffusion_kto.data.feedback import _check_image
+    from diffusion_kto.data.rows import check_image
 
-    value = _check_image(Image.new("RGB", (3, 3), (5, 6, 7)), "ds[0]", "image", None)
+    value = check_image(Image.new("RGB", (3, 3), (5, 6, 7)), "ds[0]", "image", None)
     assert isinstance(value, bytes) and value.startswith(b"\x89PNG")
 
 

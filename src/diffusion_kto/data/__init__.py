@@ -2,17 +2,14 @@
 from .bad_rows import BadRow
 from .dataset import Batch, FeedbackDataset, collate
 from .feedback import (
-    FeedbackError,
-    FeedbackRow,
     FeedbackSummary,
-    MissingExtraError,
     load_image,
-    parse_label,
     Screened,
     read_feedback,
     screen_feedback,
     validate,
 )
+from .rows import FeedbackError, FeedbackRow, MissingExtraError, parse_label
 from .sampler import DesirableSampler
 from .stream import StreamingFeedbackDataset, collate_stream
 

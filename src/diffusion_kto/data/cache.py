@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .feedback import FeedbackError, FeedbackRow, load_image
+from .feedback import load_image
+from .rows import FeedbackError, FeedbackRow
 from .transforms import DrawChoices, transform_image
 
 FORMAT = 2  # 2: text shards hold the family's conditioning fields by name (1 held one "embeds" tensor)

@@ -13,7 +13,8 @@ from functools import partial
 import torch
 import torch.utils.data
 
-from .feedback import FeedbackRow, load_image
+from .feedback import load_image
+from .rows import FeedbackRow
 from .transforms import draw_choices, transform_caption, transform_image
 
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .convert import _image_suffix, _parquet_records, _prepare_out_dir
-from .bad_rows import BadRow
-from .feedback import FeedbackError, FeedbackRow, _check_keys, _first_line, _make_row
+from .output import image_suffix, prepare_out_dir
+from .records import Columns, feedback_entries, missing_key, parquet_records
+from .rows import FEEDBACK_OPTIONS, FeedbackError, FeedbackRow, first_line, make_row, or_raise
 
 SHARD_SUFFIXES = (".tar", ".parquet")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif", "img")
@@ -70,10 +71,8 @@ def list_shards(pattern: str | Path) -> list[Path]:
 def read_shard(path: Path, columns: tuple[str, str, str], skip: int = 0) -> Iterator[FeedbackRow]:
     """The feedback rows of one shard in order, after the first `skip` (skipped tar samples are not read)."""
     if path.suffix == ".parquet":
-        records = _parquet_records(path, list(dict.fromkeys(columns)), ())
-        for index, (where, record) in enumerate(records):
-            if index >= skip:
-                yield _shard_row(_make_row(record, where, columns, path.parent))
+        records = parquet_records(path, str(path), Columns(columns, options=FEEDBACK_OPTIONS), path.parent)
+        yield from map(or_raise, feedback_entries(itertools.islice(records, skip, None), columns))
         return
     for index, (key, members) in enumerate(_tar_samples(path)):
         if index >= skip:
@@ -101,7 +100,7 @@ def _tar_samples(path: Path) -> Iterator[tuple[str, dict]]:
             if key is not None:
                 yield key, members
     except (tarfile.TarError, OSError, EOFError) as err:
-        raise FeedbackError(f"{path}: cannot read tar shard ({_first_line(err)})") from None
+        raise FeedbackError(f"{path}: cannot read tar shard ({first_line(err)})") from None
 
 
 def _tar_row(path: Path, key: str, members: dict[str, bytes], columns: tuple[str, str, str]) -> FeedbackRow:
@@ -117,18 +116,13 @@ def _tar_row(path: Path, key: str, members: dict[str, bytes], columns: tuple[str
     try:
         record = json.loads(members["json"].decode("utf-8"))
     except (ValueError, RecursionError) as err:
-        raise FeedbackError(f"{where}: {key}.json is not valid JSON ({_first_line(err)})") from None
+        raise FeedbackError(f"{where}: {key}.json is not valid JSON ({first_line(err)})") from None
     if not isinstance(record, dict):
         raise FeedbackError(f"{where}: {key}.json must hold an object {{...}}, got {type(record).__name__}")
-    _check_keys(record, (prompt_column, label_column), f"{where}: {key}.json")
-    return _shard_row(_make_row({**record, image_column: members[images[0]]}, where, columns, None))
-
-
-def _shard_row(entry: FeedbackRow | BadRow) -> FeedbackRow:
-    """A streamed row, or the FeedbackError naming the shard and key of a bad one (a stream stops on it)."""
-    if isinstance(entry, BadRow):
-        raise FeedbackError(str(entry))
-    return entry
+    missing = missing_key(record, (prompt_column, label_column))
+    if missing:
+        raise FeedbackError(f"{where}: {key}.json: {missing}")
+    return or_raise(make_row({**record, image_column: members[images[0]]}, where, columns, None))
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -151,7 +145,7 @@ def _write_tar(path: Path, samples: Sequence[tuple[str, FeedbackRow]]) -> None:
         for key, row in samples:
             data = _image_bytes(row)
             fields = json.dumps({"prompt": row.prompt, "label": row.desirable}, ensure_ascii=False).encode("utf-8")
-            for name, payload in ((f"{key}{_image_suffix(data)}", data), (f"{key}.json", fields)):
+            for name, payload in ((f"{key}{image_suffix(data)}", data), (f"{key}.json", fields)):
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
@@ -165,7 +159,7 @@ def write_shards(rows: Sequence[FeedbackRow], out_dir: str | Path, rows_per_shar
         raise FeedbackError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     if not rows:
         raise FeedbackError("no feedback rows to write")
-    out = _prepare_out_dir(out_dir, with_images=False)
+    out = prepare_out_dir(out_dir, with_images=False)
     samples = [(f"{i:09d}", row) for i, row in enumerate(rows)]
     paths = []
     for number, start in enumerate(range(0, len(samples), rows_per_shard)):

@@ -34,7 +34,7 @@ import numpy as np
 import torch.utils.data
 
 from .dataset import Batch, ItemTransform, collate
-from .feedback import FeedbackError, FeedbackRow
+from .rows import FeedbackError, FeedbackRow
 from .sampler import BLOCK, liked_draws
 from .shards import read_shard
 

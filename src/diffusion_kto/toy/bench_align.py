@@ -100,7 +100,7 @@ def _pipeline(model_dir: Path | None):
 
 def _prompt_for(method: str, prompt: str) -> str:
     """CSFT models are sampled with the "good image" phrase they were trained with."""
-    from ..data.baselines import csft_prompt
+    from ..objectives import csft_prompt
 
     return csft_prompt(prompt, position=CSFT_POSITION) if method == "csft" else prompt
 

@@ -12,7 +12,8 @@ import torch
 from ..config import Config, ConfigError
 from ..data import BadRow, Screened, read_feedback, screen_feedback
 from ..data.bad_rows import SKIPPED_ROWS_FILE, write_skipped_rows
-from ..data.feedback import FeedbackError, image_problem
+from ..data.feedback import image_problem
+from ..data.rows import FeedbackError
 from ..data.shards import list_shards, read_shard
 from ..objectives import objective_class
 

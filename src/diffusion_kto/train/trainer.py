@@ -20,9 +20,8 @@ from tqdm.auto import tqdm
 from .. import forward
 from ..config import Config, ConfigError, save_config, to_dict
 from ..data import Batch, DesirableSampler, FeedbackDataset, collate
-from ..data.baselines import PairDataset, collate_pairs
 from ..data.cache import CacheError, LatentCache, row_prompts
-from ..data.convert import feedback_to_pairs
+from ..data.pairs import PairDataset, collate_pairs, feedback_to_pairs
 from ..data.stream import StreamingFeedbackDataset, check_readers, collate_stream
 from ..models import DiffusionFamily, load_family
 from ..models.base import Conditioning
