@@ -88,7 +88,11 @@ class DiffusionFamily(Protocol):
         """Parameters with requires_grad (LoRA weights or the whole network)."""
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """The conditioning of a batch of prompts (no gradient)."""
+        """The text conditioning of a batch of prompts (no gradient); what `dkto cache` stores per prompt."""
+
+    def condition(self, text: Conditioning, batch) -> Conditioning:
+        """The whole conditioning of a :class:`~diffusion_kto.data.Batch`: its prompts' text conditioning (encoded or
+        cached) plus any per-image parts the family conditions on (e.g. SDXL's size and crop time ids)."""
 
     def overlong_prompts(self, prompts: list[str]) -> list[str]:
         """The prompts longer than the text encoder's context, which :meth:`encode_prompts` truncates."""

@@ -173,6 +173,10 @@ class StableDiffusion:
         ).input_ids.to(self.device)
         return TextEmbeddings(text_encoder(ids)[0])  # (B, L, D)
 
+    def condition(self, text: TextEmbeddings, batch) -> TextEmbeddings:
+        """SD conditions on the prompt alone."""
+        return text
+
     def overlong_prompts(self, prompts: list[str]) -> list[str]:
         """Prompts whose tokens (with start and end tokens) exceed the tokenizer's model_max_length."""
         limit = self.tokenizer.model_max_length

@@ -186,12 +186,15 @@ class DiffusionKTOTrainer:
 
     # ---------------------------------------------------------------------------------------- one step
 
-    def _conditioning(self, prompts: list[str]) -> Conditioning:
-        """The family's conditioning of the prompts: from data.cache when it holds them, else from the text encoder."""
+    def _conditioning(self, prompts: list[str], batch: Batch) -> Conditioning:
+        """The family's conditioning of a batch: the prompts' (from data.cache when it holds them, else from the text
+        encoder) plus the family's per-image parts."""
         if self.text_cache is None:
-            return self.family.encode_prompts(prompts)
-        tensors = self.text_cache.text(prompts)
-        return self.family.conditioning.from_tensors(tensors).to(self.accelerator.device, self.weight_dtype)
+            text = self.family.encode_prompts(prompts)
+        else:
+            text = self.family.conditioning.from_tensors(self.text_cache.text(prompts))
+            text = text.to(self.accelerator.device, self.weight_dtype)
+        return self.family.condition(text, batch)
 
     def _forward_backward(self, batch: Batch) -> StepOutput:
         """The objective's loss on one micro-batch, backpropagated when it is finite on every process."""
@@ -199,7 +202,7 @@ class DiffusionKTOTrainer:
         desirable = batch.desirable.to(acc.device)
         prompts = [objective.condition(p, d) for p, d in zip(batch.prompts, batch.desirable.tolist())]
         with acc.autocast():
-            cond = self._conditioning(prompts)
+            cond = self._conditioning(prompts, batch)
             x0 = forward.clean_latents(self.family, batch, seed)  # (B, C, h, w)
             plan = objective.plan(self.micro_step, len(x0))
             errors = forward.denoising_errors(self.family, x0, cond, batch.draw_ids, seed, plan)
