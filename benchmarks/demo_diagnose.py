@@ -18,7 +18,7 @@ import numpy as np
 
 from diffusion_kto.sampling import generate, load_pipeline
 from diffusion_kto.toy import judges, world
-from diffusion_kto.toy.demo import SAMPLING, DemoSettings, eval_images
+from diffusion_kto.apps.demo import SAMPLING, DemoSettings, eval_images
 
 TH = 0.85
 FACTORS = ("colour", "shape", "background", "centring", "sharpness", "clean")

@@ -28,7 +28,7 @@ from diffusion_kto.evaluation import winrate
 from diffusion_kto.provenance import commit, machine
 from diffusion_kto.sampling import load_pipeline
 from diffusion_kto.toy import judges
-from diffusion_kto.toy.demo import CONFIG, DemoSettings, collect_feedback, score_model, trained_pipeline
+from diffusion_kto.apps.demo import CONFIG, DemoSettings, collect_feedback, score_model, trained_pipeline
 from diffusion_kto.train import DiffusionKTOTrainer
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 from diffusion_kto.sampling import load_pipeline
 from diffusion_kto.toy import judges
-from diffusion_kto.toy.demo import DemoSettings, eval_images
+from diffusion_kto.apps.demo import DemoSettings, eval_images
 from diffusion_kto.evaluation import winrate
 d=DemoSettings()
 S={}

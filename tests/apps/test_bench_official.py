@@ -1,11 +1,12 @@
-"""The official script's step design (bench_official.py) is a faithful emulation: it trains, and its reference
+"""The official script's step design (apps/bench_official.py) is a faithful emulation: it trains, and its reference
 weight swap predicts with the reference weights and leaves the trained weights (and their gradients) exactly as they were."""
 import json
 
 import pytest
 import torch
 
-from diffusion_kto import bench, bench_official
+from diffusion_kto.apps import bench_official
+from diffusion_kto.apps import bench_step as bench
 from diffusion_kto.config import ConfigError, load_config
 from diffusion_kto.models import unwrap
 

@@ -17,7 +17,7 @@ of a step differs from `dkto train`:
 Not emulated: the script's fp32 VAE under mixed precision (the VAE here runs in the compute dtype, as in ours; the
 same in fp32 runs) and its 8-bit AdamW (here the configured optimizer).
 
-Run as ``python -m diffusion_kto.bench_official --warmup N key=value ...`` with the overrides of a `dkto train`
+Run as ``python -m diffusion_kto.apps.bench_official --warmup N key=value ...`` with the overrides of a `dkto train`
 run: it writes ``summary.json`` in ``train.output_dir`` in the trainer's shape, plus per-part times.
 """
 from __future__ import annotations
@@ -32,9 +32,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from . import diffusion, losses
-from .config import Config, ConfigError, load_config
-from .models import load_family, unwrap
+from .. import diffusion, losses
+from ..config import Config, ConfigError, load_config
+from ..models import load_family, unwrap
 
 PARTS = ("vae_encode", "text_encode", "swap", "reference")  # timed parts of a step ("reference" includes "swap")
 
@@ -120,8 +120,8 @@ def reference_prediction(family, reference: list[Tensor] | None, x_t: Tensor, t:
 
 def official_trainer(cfg: Config):
     """Our trainer (loader, optimizer, LR schedule, accelerator) around a family loaded without a frozen GPU copy."""
-    from .train import DiffusionKTOTrainer
-    from .train.inputs import DTYPES
+    from ..train import DiffusionKTOTrainer
+    from ..train.inputs import DTYPES
 
     if cfg.loss.name != "kto" or cfg.loss.reference_point != "matched" or cfg.data.cache is not None:
         raise ConfigError("the official step design is loss.name=kto, loss.reference_point=matched, no data.cache")
@@ -134,7 +134,7 @@ def official_trainer(cfg: Config):
 def official_step(trainer, batch: dict, reference: list[Tensor] | None, step: int, parts: PartTimes) -> dict[str, float]:
     """One step of the script: encode images and prompts, policy forward, reference forward, matched Q_ref, KT
     loss, backward, clipped AdamW step; returns the per-step log (with ``stepped``: whether the optimizer stepped)."""
-    from .train.trainer import StepOutput
+    from ..train.trainer import StepOutput
 
     fam, acc, cfg = trainer.family, trainer.accelerator, trainer.cfg
     generator = diffusion.step_generator(cfg.train.seed, step)
@@ -163,7 +163,7 @@ def official_step(trainer, batch: dict, reference: list[Tensor] | None, step: in
 def run_official(overrides: list[str], warmup: int) -> dict:
     """A `dkto train`-shaped run of the official step design: train.max_steps steps, then the script's checkpoint
     (the UNet's ``save_pretrained``); writes and returns ``summary.json`` with per-part times."""
-    from .train.trainer import TrainResult
+    from ..train.trainer import TrainResult
 
     cfg = load_config(None, overrides)
     trainer = official_trainer(cfg)
@@ -194,10 +194,10 @@ def run_official(overrides: list[str], warmup: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """Worker entry point: ``python -m diffusion_kto.bench_official --warmup N key=value ...``."""
+    """Worker entry point: ``python -m diffusion_kto.apps.bench_official --warmup N key=value ...``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m diffusion_kto.bench_official")
+    parser = argparse.ArgumentParser(prog="python -m diffusion_kto.apps.bench_official")
     parser.add_argument("--warmup", type=int, default=0, help="steps left out of the after-warm-up times")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)

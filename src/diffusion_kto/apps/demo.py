@@ -22,7 +22,7 @@ from ..evaluation import winrate
 from ..provenance import commit, machine
 from ..sampling import generate, load_pipeline
 from ..train import DiffusionKTOTrainer
-from . import judges, world
+from ..toy import judges, world
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy-kto.yaml"
 SAMPLING = {"steps": 20, "guidance": 3.0, "resolution": world.SIZE}

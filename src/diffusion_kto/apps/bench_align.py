@@ -20,7 +20,7 @@ from ..evaluation import report as report_lib
 from ..evaluation import winrate
 from ..sampling import generate, load_pipeline
 from ..train import DiffusionKTOTrainer
-from . import judges, world
+from ..toy import judges, world
 from ..provenance import commit, machine
 from .demo import CONFIG, SAMPLING, DemoSettings, collect_feedback, diversity, eval_images
 

@@ -1,11 +1,11 @@
-"""`dkto demo` end to end, seconds long: tiny budget, few steps, one seed group (diffusion_kto.toy.demo)."""
+"""`dkto demo` end to end, seconds long: tiny budget, few steps, one seed group (diffusion_kto.apps.demo)."""
 import json
 
 import pytest
 
 from test_cli import dkto
 
-from diffusion_kto.toy.demo import DemoSettings, run_demo
+from diffusion_kto.apps.demo import DemoSettings, run_demo
 
 
 def test_demo_smoke_run_with_a_users_judge_writes_feedback_report_and_metrics(tmp_path):

@@ -1,7 +1,7 @@
 """`dkto bench step`: the worker measures the real trainer step; ratios and targets are computed as documented."""
 import pytest
 
-from diffusion_kto import bench
+from diffusion_kto.apps import bench_step as bench
 from diffusion_kto.config import ConfigError, load_config
 
 
