@@ -33,7 +33,7 @@ def test_steps_train_and_the_swap_predicts_with_the_reference_and_restores_exact
     trainer = bench_official.official_trainer(load_config(None, _overrides(tiny_sd, tmp_path)))
     fam, unet = trainer.family, trainer.family.trainable_module()
     initial, reference = _weights(unet), bench_official.cpu_reference(trainer.family)
-    loader, parts = iter(trainer._loader(0)), bench_official.PartTimes(torch.device("cpu"))
+    loader, parts = iter(trainer.loader()), bench_official.PartTimes(torch.device("cpu"))
     for step in range(2):
         log = bench_official.official_step(trainer, next(loader), reference, step, parts)
         parts.next_step()
@@ -79,7 +79,7 @@ def test_lora_reference_is_the_adapters_off(tiny_sd, tmp_path):
     assert bench_official.cpu_reference(trainer.family) is None
     before = _weights(trainer.family.trainable_module())
     parts = bench_official.PartTimes(torch.device("cpu"))
-    bench_official.official_step(trainer, next(iter(trainer._loader(0))), None, 0, parts)
+    bench_official.official_step(trainer, next(iter(trainer.loader())), None, 0, parts)
     assert any(not torch.equal(a, b) for a, b in zip(_weights(trainer.family.trainable_module()), before))
     assert "swap" not in parts.steps[0]
 

@@ -131,18 +131,24 @@ def official_trainer(cfg: Config):
     return DiffusionKTOTrainer(cfg, family=family)
 
 
-def official_step(trainer, batch: dict, reference: list[Tensor] | None, step: int, parts: PartTimes) -> dict[str, float]:
+def batch_inputs(batch) -> tuple[Tensor, list[str], Tensor]:
+    """(pixels, prompts, liked) of a batch from the trainer's loader: the one place that reads its fields."""
+    return batch["pixel_values"], batch["prompts"], batch["desirable"]
+
+
+def official_step(trainer, batch, reference: list[Tensor] | None, step: int, parts: PartTimes) -> dict[str, float]:
     """One step of the script: encode images and prompts, policy forward, reference forward, matched Q_ref, KT
     loss, backward, clipped AdamW step; returns the per-step log (with ``stepped``: whether the optimizer stepped)."""
-    from ..train.trainer import StepOutput
+    from ..train import StepOutput
 
     fam, acc, cfg = trainer.family, trainer.accelerator, trainer.cfg
+    pixels, prompts, desirable = batch_inputs(batch)
     generator = diffusion.step_generator(cfg.train.seed, step)
-    with acc.accumulate(fam.trainable_module()), acc.autocast():
+    with trainer.accumulate(), acc.autocast():
         with parts("vae_encode"):
-            x0 = fam.encode_images(batch["pixel_values"], lambda shape: diffusion.sample_noise(shape, generator))
+            x0 = fam.encode_images(pixels, lambda shape: diffusion.sample_noise(shape, generator))
         with parts("text_encode"):
-            cond = fam.encode_prompts(batch["prompts"])
+            cond = fam.encode_prompts(prompts)
         noise = diffusion.sample_noise(tuple(x0.shape), generator)
         t = diffusion.sample_timesteps(len(x0), fam.num_train_timesteps, generator).to(x0.device)
         x_t, tgt = fam.noisy(x0, noise, t)
@@ -150,12 +156,12 @@ def official_step(trainer, batch: dict, reference: list[Tensor] | None, step: in
         with parts("reference"):
             ref_err = diffusion.per_sample_error(reference_prediction(fam, reference, x_t, t, cond, parts), tgt)
         kl = losses.reference_point(policy_err, ref_err)  # matched: the batch itself, clamped at 0
-        out = losses.kto_loss(policy_err, ref_err, batch["desirable"], kl, beta=cfg.loss.beta, utility=cfg.loss.utility,
+        out = losses.kto_loss(policy_err, ref_err, desirable, kl, beta=cfg.loss.beta, utility=cfg.loss.utility,
                               desirable_weight=cfg.loss.desirable_weight,
                               undesirable_weight=cfg.loss.undesirable_weight)
         loss = out.losses.mean()
         acc.backward(loss)
-        stepped = trainer._optimizer_step(StepOutput(loss=loss.detach(), metrics={"finite": 1.0}))
+        stepped = trainer.optimizer_step(StepOutput(loss=loss.detach(), metrics={"finite": 1.0}))
     return {"loss": loss.item(), "kl": kl.item(), "policy_err": policy_err.mean().item(),
             "ref_err": ref_err.mean().item(), "accuracy": out.accuracy.item(), "stepped": stepped}
 
@@ -163,12 +169,12 @@ def official_step(trainer, batch: dict, reference: list[Tensor] | None, step: in
 def run_official(overrides: list[str], warmup: int) -> dict:
     """A `dkto train`-shaped run of the official step design: train.max_steps steps, then the script's checkpoint
     (the UNet's ``save_pretrained``); writes and returns ``summary.json`` with per-part times."""
-    from ..train.trainer import TrainResult
+    from ..train import TrainResult
 
     cfg = load_config(None, overrides)
     trainer = official_trainer(cfg)
     reference = cpu_reference(trainer.family)
-    loader = iter(trainer._loader(0))
+    loader = iter(trainer.loader())
     parts = PartTimes(trainer.accelerator.device)
     step_seconds, waited, taken = [], 0.0, 0
     start = time.perf_counter()
@@ -182,8 +188,8 @@ def run_official(overrides: list[str], warmup: int) -> dict:
     seconds = time.perf_counter() - start
     unwrap(trainer.family.trainable_module()).save_pretrained(trainer.out / "unet", safe_serialization=True)
     images = cfg.train.max_steps * cfg.train.batch_size
-    trainer._write_summary(TrainResult(trainer.out, cfg.train.max_steps, [], seconds, images / seconds, 0,
-                                       data_wait_seconds=waited))
+    trainer.write_summary(TrainResult(trainer.out, cfg.train.max_steps, [], seconds, images / seconds, 0,
+                                      data_wait_seconds=waited))
     timed = step_seconds[warmup:] or step_seconds
     extra = {"images_per_second_after_warmup": round(len(timed) * cfg.train.batch_size / sum(timed), 3),
              "step_ms_median": round(1000 * statistics.median(timed), 3), "parts_ms": parts.median_ms(warmup)}

@@ -2,8 +2,9 @@
 
 Every (adapter, loss) mode runs in fresh subprocesses, so that nothing carries over from one mode to the next. A
 worker builds the real :class:`~diffusion_kto.train.DiffusionKTOTrainer` on synthetic feedback, draws its batches
-from the trainer's own loader beforehand (image decoding is not timed), and runs ``warmup`` + ``steps`` steps of
-``train_step`` and the trainer's optimizer step. Times: the median over the timed steps of ``repeats`` rounds.
+from the trainer's own loader beforehand (image decoding is not timed), and times ``warmup`` + ``steps`` calls of
+``trainer.step`` (forward, backward and the optimizer step). Times: the median over the timed steps of ``repeats``
+rounds.
 
 Memory comes from one more worker per mode. On CUDA: ``torch.cuda.max_memory_allocated``. On CPU, its analogue:
 the weights of every module (policy, reference copy, VAE, text encoder) plus the rise of the resident set from
@@ -168,7 +169,7 @@ def run_worker(overrides: list[str], warmup: int, steps: int, threads: int | Non
     if threads:
         torch.set_num_threads(threads)
     trainer = DiffusionKTOTrainer(load_config(None, overrides))
-    acc, unet = trainer.accelerator, trainer.family.trainable_module()
+    acc = trainer.accelerator
     cuda = acc.device.type == "cuda"
     gc.collect()
     loaded_mb = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb()
@@ -177,13 +178,12 @@ def run_worker(overrides: list[str], warmup: int, steps: int, threads: int | Non
         torch.cuda.reset_peak_memory_stats()
     else:
         exact = _reset_peak_rss()  # drop the transient peak of loading the weights
-    loader = iter(trainer._loader(0))
+    loader = iter(trainer.loader())
     batches = [next(loader) for _ in range(warmup + steps)]
     times = []
     for batch in batches:
         start = time.perf_counter()
-        with acc.accumulate(unet):
-            trainer._optimizer_step(trainer.train_step(batch))
+        trainer.step(batch)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
