@@ -18,6 +18,7 @@ import numpy as np
 from ..config import ConfigError, load_config, to_dict
 from ..evaluation import report as report_lib
 from ..evaluation import winrate
+from ..images import image_grid
 from ..sampling import generate, load_pipeline
 from ..train import DiffusionKTOTrainer
 from ..toy import judges, world
@@ -177,7 +178,7 @@ def write_align_report(settings, stats, tuning, chosen_lr, results, seconds) -> 
     guards = {m: {"prompt fidelity": f"{means[m]['fidelity'].mean:.3f}",
                   "diversity": f"{r['diversity']:.4f}", "diversity vs base": f"{r['diversity'] / base_div:.0%}"}
               for m, r in results.items()}
-    grid = report_lib.image_grid({m: r["images"][:9] for m, r in results.items()},
+    grid = image_grid({m: r["images"][:9] for m, r in results.items()},
                                  col_labels=world.eval_prompts()[:9])
     run = {"command": "dkto bench align" + (" --quick" if settings.quick else "") + _seeds_flag(settings), "commit": commit(),
            "machine": machine(), "wall time (s)": round(seconds, 1), "stages (s)": settings.timings}

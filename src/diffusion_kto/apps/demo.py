@@ -19,6 +19,7 @@ import numpy as np
 from ..config import load_config
 from ..evaluation import report as report_lib
 from ..evaluation import winrate
+from ..images import image_grid
 from ..provenance import commit, machine
 from ..sampling import generate, load_pipeline
 from ..train import DiffusionKTOTrainer
@@ -171,7 +172,7 @@ def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained
     guards = {m: {"judge liked share": f"{r['liked_share']:.1%}", "prompt fidelity": f"{r['fidelity']:.3f}",
                   "diversity": f"{r['diversity']:.4f}"} for m, r in results.items()}
     cols = list(range(0, len(results["base"]["images"]), n * settings.groups_per_prompt))[:12]
-    grid = report_lib.image_grid({m: [results[m]["images"][i] for i in cols] for m in ("base", "aligned")},
+    grid = image_grid({m: [results[m]["images"][i] for i in cols] for m in ("base", "aligned")},
                                  col_labels=[f"{results['base']['prompts'][i]} #{results['base']['seeds'][i]}" for i in cols])
     metrics = {
         "win_rate": {"rate": wr.rate, "ci": wr.ci, "n": wr.n, "wins": wr.wins, "ties": wr.ties},

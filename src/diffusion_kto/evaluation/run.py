@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..images import image_grid, thumbnail
 from ..provenance import commit, machine
 from . import report as report_lib
 from . import winrate
@@ -391,15 +392,6 @@ def _cache_valid(metric: Metric, seeds: np.ndarray, folder: Path, cache: Path) -
 
 # ---------------------------------------------------------------- report
 
-def thumbnail(image: Image.Image, side: int = 192) -> Image.Image:
-    """image shrunk to at most side pixels (large model outputs), unchanged when already small."""
-    if max(image.size) <= side:
-        return image
-    im = image.copy()
-    im.thumbnail((side, side), Image.Resampling.LANCZOS)
-    return im
-
-
 def build_grids(settings: EvalSettings, prompts: list[str], seeds: np.ndarray, out: Path) -> dict:
     """Two grids: the first prompts at their first seed, and every seed of the first prompt; models as rows."""
     names = [m.name for m in settings.models]
@@ -415,8 +407,8 @@ def build_grids(settings: EvalSettings, prompts: list[str], seeds: np.ndarray, o
     labels = [f"{prompts[i]} (seed {seeds[i, 0]})" for i in range(k)]
     per_seed = {n: [load(n, 0, s) for s in seeds[0]] for n in names}
     return {
-        "same prompt and seed across models": report_lib.image_grid(across, labels, scale=scale),
-        f"all {seeds.shape[1]} seeds of prompt 0: {prompts[0]}": report_lib.image_grid(
+        "same prompt and seed across models": image_grid(across, labels, scale=scale),
+        f"all {seeds.shape[1]} seeds of prompt 0: {prompts[0]}": image_grid(
             per_seed, [f"seed {s}" for s in seeds[0]], scale=scale),
     }
 
