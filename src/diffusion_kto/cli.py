@@ -105,7 +105,8 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--out", default="runs/demo", help="output folder (must not exist or be empty)")
     p.add_argument("--judge", default="preference",
-                   help="built-in judge name, package.module:callable, or path/to/file.py:callable")
+                   help="a shapes-world judge (preference, fidelity, aesthetic, ...), provider:name, "
+                        "package.module:callable, or path/to/file.py:callable")
     p.add_argument("--budget", type=int, default=1024, help="feedback images to generate and judge")
     p.add_argument("--model", default="toy", help="base pipeline (default: the shipped shapes-world model)")
     p.add_argument("--seed", type=int, default=0)

@@ -5,7 +5,8 @@ import pytest
 
 from test_cli import dkto
 
-from diffusion_kto.apps.demo import DemoSettings, run_demo
+from diffusion_kto.apps.demo import DemoSettings, demo_judge, run_demo
+from diffusion_kto.toy import judges
 
 
 def test_demo_smoke_run_with_a_users_judge_writes_feedback_report_and_metrics(tmp_path):
@@ -40,3 +41,15 @@ def test_demo_refuses_a_non_empty_output_folder(tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         run_demo(DemoSettings(out=tmp_path))
     assert (tmp_path / "keep.txt").read_text() == "earlier results"
+
+
+def test_bare_judge_names_are_the_shapes_worlds_and_other_specs_pass_through(tmp_path):
+    assert demo_judge("preference") is judges.preference
+    assert demo_judge(" fidelity ") is judges.fidelity
+    assert demo_judge(judges.aesthetic) is judges.aesthetic
+    assert demo_judge("toy:clean") is judges.clean_score
+    path = tmp_path / "my_judge.py"
+    path.write_text("def half(images, prompts):\n    return [0.5] * len(images)\n")
+    assert demo_judge(f"{path}:half")([None, None], ["a", "b"]) == [0.5, 0.5]
+    with pytest.raises(ValueError, match="'no_such_judge': not a registered judge"):
+        demo_judge("no_such_judge")

@@ -19,6 +19,7 @@ import numpy as np
 from ..config import load_config
 from ..evaluation import report as report_lib
 from ..evaluation import winrate
+from ..evaluation.judges import Judge, load_judge
 from ..images import image_grid
 from ..provenance import commit, machine
 from ..sampling import generate, load_pipeline
@@ -48,6 +49,15 @@ class DemoSettings:
     config: Path = CONFIG
     overrides: Sequence[str] = ()
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def demo_judge(spec: str | Judge) -> Judge:
+    """The judge of ``--judge``: a bare name of a shapes-world judge (``preference``, the default; ``fidelity``, ...)
+    is the registered ``toy:<name>``; anything else is a spec for :func:`~diffusion_kto.evaluation.judges.load_judge`
+    (``provider:name``, ``package.module:callable``, ``path/to/file.py:callable``)."""
+    if isinstance(spec, str) and spec.strip() in judges.JUDGES:
+        spec = f"toy:{spec.strip()}"
+    return load_judge(spec)
 
 
 @contextmanager
@@ -111,7 +121,7 @@ def run_demo(settings: DemoSettings) -> dict:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"demo output folder {out} exists and is not empty; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    judge = judges.load_judge(settings.judge)
+    judge = demo_judge(settings.judge)
     commit()  # the code this run starts with is what its report names
     total = time.perf_counter()
     with stage(settings, "load base model"):

@@ -36,7 +36,7 @@ from .prompts import PromptSet, load_prompts
 from .scorers import Metric, parse_metrics, resolve_device
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
-TOY_SAMPLING = {"steps": 20, "guidance": 3.0, "resolution": 32}  # the toy demo's sampling (toy/demo.py)
+TOY_SAMPLING = {"steps": 20, "guidance": 3.0, "resolution": 32}  # the demo's sampling (apps/demo.py SAMPLING)
 DEFAULT_SAMPLING = {"steps": 50, "guidance": 7.5, "resolution": None}
 SEED_STRIDE = 1000  # seeds of prompt i are seed + SEED_STRIDE * i + k, so N is at most SEED_STRIDE
 HASH_LIMIT = 256 * 2**20  # weight files up to this size are hashed whole; larger ones by size and ends
