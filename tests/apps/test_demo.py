@@ -1,12 +1,14 @@
 """`dkto demo` end to end, seconds long: tiny budget, few steps, one seed group (diffusion_kto.apps.demo)."""
 import json
 
+import numpy as np
 import pytest
 
 from test_cli import dkto
 
+from diffusion_kto.apps import demo
 from diffusion_kto.apps.demo import DemoSettings, demo_judge, run_demo
-from diffusion_kto.toy import judges
+from diffusion_kto.toy import judges, world
 
 
 def test_demo_smoke_run_with_a_users_judge_writes_feedback_report_and_metrics(tmp_path):
@@ -29,11 +31,27 @@ def test_demo_smoke_run_with_a_users_judge_writes_feedback_report_and_metrics(tm
         assert (out / name).is_file()
 
 
-def test_demo_with_lora_evaluates_the_adapters(tmp_path):
+def test_demo_with_lora_evaluates_the_adapters(tmp_path, monkeypatch):
+    """The aligned model of the evaluation is the base with the trained adapters on top: it draws other images than
+    the base for the same held-out prompts and seeds (one step at a large learning rate, so that they must)."""
+    evaluated, evaluate = {}, demo.evaluate
+
+    def spy(base, aligned, judge, settings):
+        results = evaluate(base, aligned, judge, settings)
+        evaluated.update(results, adapters=aligned.get_active_adapters())
+        return results
+
+    monkeypatch.setattr(demo, "evaluate", spy)
     metrics = run_demo(DemoSettings(out=tmp_path / "demo", budget=16, groups_per_prompt=1,
-                                    overrides=("lora.rank=2", "train.max_steps=1", "train.batch_size=4")))
+                                    overrides=("lora.rank=2", "train.max_steps=1", "train.batch_size=4",
+                                               "optim.lr=1e-2")))
     assert (tmp_path / "demo" / "model" / "pytorch_lora_weights.safetensors").is_file()
     assert 0.0 <= metrics["win_rate"]["rate"] <= 1.0 and metrics["aligned"]["diversity"] > 0
+    base, aligned = evaluated["base"], evaluated["aligned"]
+    assert evaluated["adapters"], "the aligned pipeline has no LoRA adapters loaded"
+    assert base["prompts"] == aligned["prompts"] and np.array_equal(base["seeds"], aligned["seeds"])
+    changed = [not np.array_equal(np.asarray(b), np.asarray(a)) for b, a in zip(base["images"], aligned["images"])]
+    assert len(changed) == len(world.eval_prompts()) * 5 and all(changed)
 
 
 def test_demo_refuses_a_non_empty_output_folder(tmp_path):

@@ -154,7 +154,7 @@ def trained_pipeline(model: str, trained, device: str | None = None):
     return load_pipeline(model, device=device, unet=str(exported))
 
 
-def score_model(pipe, judge, settings: DemoSettings) -> dict:
+def judge_model(pipe, judge, settings: DemoSettings) -> dict:
     """One model on the held-out prompts and seeds: images, judge scores (prompt x group, image), fidelity, liked
     share and diversity."""
     images, prompts, seeds = eval_images(pipe, settings)
@@ -170,7 +170,7 @@ def score_model(pipe, judge, settings: DemoSettings) -> dict:
 
 def evaluate(base, aligned, judge, settings: DemoSettings) -> dict:
     """Scores, fidelity and diversity of base and aligned on the same held-out prompts and seeds."""
-    return {name: score_model(pipe, judge, settings) for name, pipe in (("base", base), ("aligned", aligned))}
+    return {name: judge_model(pipe, judge, settings) for name, pipe in (("base", base), ("aligned", aligned))}
 
 
 def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained, results: dict, seconds: float) -> dict:
