@@ -40,7 +40,7 @@ METHODS: dict[str, tuple[str, ...]] = {
     "dpo": ("loss.name=dpo",),
     "kto-loss_averse": ("loss.utility=loss_averse",),
     "kto-risk_seeking": ("loss.utility=risk_seeking",),
-    "kto-gamma0.5": ("data.desirable_ratio=0.5",),  # the issue's gamma ablation {0.5, 0.8}
+    "kto-gamma0.5": ("data.desirable_ratio=0.5",),  # gamma ablation: 0.5 against the 0.8 of COMMON
     "kto-mismatched": ("loss.reference_point=mismatched",),  # the paper's Q_ref; configs/toy-kto.yaml uses matched
     # the amortized reference point of `dkto bench step` (mismatched Q_ref every 4th step, running mean between):
     # its win rate against "kto" (every-step estimate) should sit at 50% within the CI
@@ -74,7 +74,8 @@ class AlignSettings:
 
 
 def default_seeds(quick: bool) -> int:
-    """Training seeds per method when --seeds is not given: 3 (the issue's minimum), 1 for the quick look."""
+    """Training seeds per method when --seeds is not given: 3 (the fewest that show the spread between seeds), 1 for
+    the quick look."""
     return 1 if quick else 3
 
 

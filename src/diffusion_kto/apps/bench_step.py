@@ -26,7 +26,7 @@ encoding, logging and export included) without and with ``data.cache``, and repo
 each adapter of ``official``, the official script's step design (:mod:`diffusion_kto.apps.bench_official`: VAE and text
 encoding every step, the reference weights swapped in from the CPU) and ours, uncached and cached, on the same
 model, data and loss (kto, matched reference point: the script's default), in the same interleaved rounds, with
-the ratio ours / official of loop images per second (the issue's target: >= 3 once cached).
+the ratio ours / official of loop images per second (the target, ``OFFICIAL_TARGET``: >= 3 once cached).
 """
 from __future__ import annotations
 
