@@ -18,10 +18,13 @@ import numpy as np
 
 from diffusion_kto.sampling import generate, load_pipeline
 from diffusion_kto.toy import judges, world
-from diffusion_kto.toy.demo import SAMPLING, DemoSettings, eval_images
+from diffusion_kto.apps.demo import SAMPLING, DemoSettings, eval_images
 
 TH = 0.85
-FACTORS = ("colour", "shape", "background", "centring", "sharpness", "clean")
+# the six factors of the preference judge, each through its public score
+FACTOR_SCORES = {"colour": judges.colour_score, "shape": judges.shape_score, "background": judges.background_score,
+                 "centring": judges.centring_score, "sharpness": judges.sharpness_score, "clean": judges.clean_score}
+FACTORS = tuple(FACTOR_SCORES)
 OUT = Path(os.environ.get("DIAG_OUT", "runs/diagnose"))
 
 
@@ -35,9 +38,7 @@ def split_images(pipe, split: str):
 
 
 def measure(images, prompts) -> dict:
-    a = judges._Analysis(images, prompts)
-    f = {"colour": judges._colour(a), "shape": judges._shape(a), "background": judges._background(a),
-         "centring": judges._centring(a), "sharpness": judges._sharpness(a), "clean": judges._clean(a)}
+    f = {name: fn(images, prompts) for name, fn in FACTOR_SCORES.items()}
     score = judges.preference(images, prompts)
     return {"score": score, "prompts": list(prompts), **f}
 

@@ -28,13 +28,13 @@ from diffusion_kto.evaluation import winrate
 from diffusion_kto.provenance import commit, machine
 from diffusion_kto.sampling import load_pipeline
 from diffusion_kto.toy import judges
-from diffusion_kto.toy.demo import CONFIG, DemoSettings, collect_feedback, score_model, trained_pipeline
+from diffusion_kto.apps.demo import CONFIG, DemoSettings, collect_feedback, judge_model, trained_pipeline
 from diffusion_kto.train import DiffusionKTOTrainer
 
 
 def scores_of(pipe, settings: DemoSettings) -> dict:
-    """The demo's per-model evaluation (``score_model``) under the preference judge, in JSON form."""
-    r = score_model(pipe, judges.preference, settings)
+    """The demo's per-model evaluation (``judge_model``) under the preference judge, in JSON form."""
+    r = judge_model(pipe, judges.preference, settings)
     return {"scores": r["scores"].round(5).tolist(), **{k: r[k] for k in ("fidelity", "diversity", "liked_share")}}
 
 

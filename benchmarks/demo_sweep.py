@@ -12,7 +12,7 @@ from diffusion_kto.config import load_config
 from diffusion_kto.train import DiffusionKTOTrainer
 from diffusion_kto.sampling import load_pipeline
 from diffusion_kto.toy import judges
-from diffusion_kto.toy.demo import CONFIG, DemoSettings, eval_images, diversity
+from diffusion_kto.apps.demo import CONFIG, DemoSettings, eval_images, diversity
 from diffusion_kto.evaluation import winrate
 
 name = sys.argv[1]; feedback = sys.argv[2]; groups = int(sys.argv[3]); overrides = sys.argv[4:]

@@ -65,7 +65,7 @@ def build_folder(out: Path, tiny: bool) -> Path:
 
 def main() -> int:
     """Build (or reuse) the folder, run one part, print and write its JSON."""
-    from diffusion_kto.bench import BenchSettings, bench_end_to_end, bench_step
+    from diffusion_kto.apps.bench_step import BenchSettings, bench_end_to_end, bench_step
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=("e2e", "step"), required=True)

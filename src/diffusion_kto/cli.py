@@ -105,7 +105,8 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--out", default="runs/demo", help="output folder (must not exist or be empty)")
     p.add_argument("--judge", default="preference",
-                   help="built-in judge name, package.module:callable, or path/to/file.py:callable")
+                   help="a shapes-world judge (preference, fidelity, aesthetic, ...), provider:name, "
+                        "package.module:callable, or path/to/file.py:callable")
     p.add_argument("--budget", type=int, default=1024, help="feedback images to generate and judge")
     p.add_argument("--model", default="toy", help="base pipeline (default: the shipped shapes-world model)")
     p.add_argument("--seed", type=int, default=0)
@@ -118,7 +119,7 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from .toy.demo import CONFIG, DemoSettings, run_demo
+    from .apps.demo import CONFIG, DemoSettings, run_demo
 
     settings = DemoSettings(out=Path(args.out), model=args.model, judge=args.judge, budget=args.budget, seed=args.seed,
                             threshold=DemoSettings.threshold if args.threshold is None else args.threshold,
@@ -361,13 +362,13 @@ def _add_bench(sub) -> None:
     utility.add_argument("--out", default="runs/utility2d")
     utility.add_argument("--seed", type=int, default=0)
     utility.add_argument("--beta", type=float, default=None,
-                         help="one beta for every utility (default: set from the SFT fine-tune, see points2d)")
+                         help="one beta for every utility (default: set from the SFT fine-tune, see apps/utility2d.py)")
     utility.add_argument("--gamma", type=float, default=0.8, help="share of liked points in a batch (paper: 0.8)")
     utility.set_defaults(func=_run_bench_utility2d)
 
 
 def _run_bench_align(args) -> int:
-    from .toy.bench_align import AlignSettings, run_bench_align
+    from .apps.bench_align import AlignSettings, run_bench_align
 
     run_bench_align(AlignSettings(out=Path(args.out), quick=args.quick, seeds=args.seeds, budget=args.budget))
     print(f"wrote {Path(args.out) / 'align.md'} and {Path(args.out) / 'report.html'}")
@@ -377,7 +378,7 @@ def _run_bench_align(args) -> int:
 def _run_bench_utility2d(args) -> int:
     import json
 
-    from .toy.points2d import Recipe2D, run
+    from .apps.utility2d import Recipe2D, run
 
     command = f"dkto bench utility2d --out {args.out} --seed {args.seed} --gamma {args.gamma:g}" + (
         f" --beta {args.beta:g}" if args.beta is not None else "")
@@ -398,7 +399,7 @@ def _names(text: str) -> tuple[str, ...]:
 def _run_bench_step(args) -> int:
     import json
 
-    from .bench import BenchSettings, bench_step
+    from .apps.bench_step import BenchSettings, bench_step
 
     settings = BenchSettings(
         model=args.model, batch_size=args.batch_size, resolution=args.resolution,

@@ -61,7 +61,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int =
 def generate_pair_grid(family, prompts: Sequence[str], *, seed: int, steps: int, guidance: float,
                        resolution: int) -> Image.Image:
     """Reference (top row, when the family has one) and policy (bottom row) images for the same prompts and seeds."""
-    from .evaluation.report import image_grid
+    from .images import image_grid
 
     seeds = [seed + i for i in range(len(prompts))]
     rows = {}

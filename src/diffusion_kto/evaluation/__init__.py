@@ -1,5 +1,6 @@
 """Evaluation: the paper's median-of-N win rates with 95% CIs (§5, App. B) and self-contained reports."""
-from .report import image_grid, score_histograms, write_report
+from ..images import image_grid
+from .report import score_histograms, write_report
 from .winrate import (
     Comparison,
     MeanScore,

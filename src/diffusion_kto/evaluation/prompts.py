@@ -1,8 +1,10 @@
-"""Prompt sets for evaluation: local files, the toy world's held-out prompts, and the paper's benchmark sets.
+"""Prompt sets for evaluation: local files, registered sets (the toy world's held-out prompts), and the paper's
+benchmark sets.
 
 ``load_prompts(spec)`` accepts:
 
-* ``toy`` — the shapes world's held-out prompts (``toy.world.eval_prompts()``), disjoint from its training prompts.
+* a registered set (entry point group ``diffusion_kto.prompts``: a callable returning the prompts): ``toy`` is the
+  shapes world's held-out prompts (``toy.world.eval_prompts()``), disjoint from its training prompts.
 * a path to a ``.txt`` file (one prompt per line; blank lines are skipped), a ``.jsonl`` file (one JSON object per
   line with a ``prompt``, ``caption`` or ``text`` field, or a bare JSON string), or a ``.csv`` file (a header row
   with a ``prompt``, ``caption`` or ``text`` column; an optional ``category`` column is kept).
@@ -30,6 +32,8 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .. import registry
 
 PROMPT_FIELDS = ("prompt", "caption", "text")
 HUB_SETS = {
@@ -259,16 +263,18 @@ def load_hub_set(name: str, split: str | None = None, *, cache: str | os.PathLik
 # ---------------------------------------------------------------- entry point
 
 def load_prompts(spec: str, *, limit: int | None = None, cache: str | os.PathLike | None = None) -> PromptSet:
-    """A prompt set from 'toy', 'pickapic[:split]', 'parti', 'hps[:style]' or a .txt/.jsonl/.csv path."""
+    """A prompt set from a registered name ('toy'), 'pickapic[:split]', 'parti', 'hps[:style]' or a .txt/.jsonl/.csv
+    path."""
     spec = str(spec).strip()
-    if spec == "toy":
-        from ..toy import world
-
-        return PromptSet("toy", world.eval_prompts(), "diffusion_kto.toy.world.eval_prompts()").head(limit)
+    registered = registry.load(registry.PROMPTS, spec, error=PromptError)
+    if registered is not None:
+        source = registry.source(registry.PROMPTS, spec).replace(":", ".") + "()"
+        return PromptSet(spec, list(registered()), source).head(limit)
     name, _, split = spec.partition(":")
     if name in HUB_SETS and not Path(spec).exists():
         return load_hub_set(name, split or None, cache=cache).head(limit)
     if Path(spec).suffix.lower() in READERS or Path(spec).exists():
         return read_file(spec).head(limit)
-    raise PromptError(f"unknown prompt set {spec!r}: use 'toy', {', '.join(repr(k) for k in HUB_SETS)} "
+    sets = ", ".join(repr(k) for k in [*registry.names(registry.PROMPTS), *HUB_SETS])
+    raise PromptError(f"unknown prompt set {spec!r}: use {sets} "
                       f"(optionally ':split'), or a path to a {'/'.join(READERS)} file")

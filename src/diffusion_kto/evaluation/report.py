@@ -1,4 +1,5 @@
-"""Evaluation reports: results JSON, report.md, a self-contained report.html, image grids and score histograms.
+"""Evaluation reports: results JSON, report.md, a self-contained report.html and score histograms (the image
+grids they show are drawn by :mod:`diffusion_kto.images`).
 
 Shared by ``dkto demo`` (toy world) and ``dkto eval`` (real reward models): everything here takes plain
 dicts, tables and PIL images, and knows nothing about models or scorers. Tables follow the paper's
@@ -6,7 +7,6 @@ Table 1 (win rates, §5) and Table 2 (mean ± 95% CI) of Diffusion-KTO (arXiv 24
 """
 from __future__ import annotations
 
-import base64
 import html
 import io
 import json
@@ -15,12 +15,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from ..images import png_data_uri
 from .winrate import Comparison, MeanScore, Table, means_table, summary, winrate_table
 
-BACKGROUND = (255, 255, 255)
-INK = (20, 20, 20)
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:72em;
 color:#141414;background:#fff;padding:0 1em}
@@ -32,66 +31,6 @@ img{image-rendering:pixelated;max-width:100%;border:1px solid #eee}
 .note{color:#8a5a00;background:#fff6e0;padding:.4em .8em;border-left:3px solid #e0a800}
 dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:600}dd{margin:0}
 """
-
-
-# ---------------------------------------------------------------- image grid
-
-def _font():
-    """Pillow's built-in small font (shipped with Pillow: no font files, no system fonts)."""
-    return ImageFont.load_default()
-
-
-def _text_size(text: str, font) -> tuple[int, int]:
-    """Width and height of text drawn with font."""
-    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
-
-
-def _fit(text: str, width: int, font) -> str:
-    """text shortened with '...' so that it fits in width pixels."""
-    if _text_size(text, font)[0] <= width:
-        return text
-    while text and _text_size(text + "...", font)[0] > width:
-        text = text[:-1]
-    return text + "..."
-
-
-def grid_geometry(rows: Mapping[str, Sequence[Image.Image]], col_labels: Sequence[str] | None,
-                  scale: int, pad: int = 4) -> dict[str, int]:
-    """Cell, label and canvas sizes of image_grid, in pixels."""
-    images = [im for ims in rows.values() for im in ims]
-    cell_w = max((im.width for im in images), default=1) * scale
-    cell_h = max((im.height for im in images), default=1) * scale
-    n_cols = max((len(ims) for ims in rows.values()), default=0)
-    font = _font()
-    label_w = max((_text_size(str(r), font)[0] for r in rows), default=0) + 2 * pad
-    header_h = (_text_size("Ag", font)[1] + 2 * pad) if col_labels else 0
-    return {"cell_w": cell_w, "cell_h": cell_h, "n_cols": n_cols, "n_rows": len(rows), "pad": pad,
-            "label_w": label_w, "header_h": header_h,
-            "width": label_w + n_cols * (cell_w + pad) + pad,
-            "height": header_h + len(rows) * (cell_h + pad) + pad}
-
-
-def image_grid(rows: Mapping[str, Sequence[Image.Image]], col_labels: Sequence[str] | None = None,
-               scale: int = 4, pad: int = 4) -> Image.Image:
-    """Models as labelled rows, prompts/seeds as columns labelled above; images upscaled ×scale (NEAREST)."""
-    if scale < 1 or int(scale) != scale:
-        raise ValueError(f"scale must be a positive integer, got {scale}")
-    g = grid_geometry(rows, col_labels, int(scale), pad)
-    canvas = Image.new("RGB", (g["width"], g["height"]), BACKGROUND)
-    draw, font = ImageDraw.Draw(canvas), _font()
-    for j, label in enumerate(list(col_labels or [])[: g["n_cols"]]):
-        x = g["label_w"] + j * (g["cell_w"] + pad)
-        draw.text((x, pad), _fit(str(label), g["cell_w"], font), fill=INK, font=font)
-    for i, (name, images) in enumerate(rows.items()):
-        y = g["header_h"] + i * (g["cell_h"] + pad)
-        text_h = _text_size(str(name), font)[1]
-        draw.text((pad, y + (g["cell_h"] - text_h) // 2), str(name), fill=INK, font=font)
-        for j, im in enumerate(images):
-            big = im.convert("RGB").resize((im.width * int(scale), im.height * int(scale)), Image.NEAREST)
-            x = g["label_w"] + j * (g["cell_w"] + pad)
-            canvas.paste(big, (x + (g["cell_w"] - big.width) // 2, y + (g["cell_h"] - big.height) // 2))
-    return canvas
 
 
 # ---------------------------------------------------------------- histograms
@@ -178,13 +117,6 @@ def jsonable(obj):
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     return str(obj)
-
-
-def png_data_uri(image: Image.Image) -> str:
-    """A PNG image as a base64 data URI for a self-contained HTML page."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _slug(name: str) -> str:

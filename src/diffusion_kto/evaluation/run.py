@@ -15,7 +15,6 @@ with different settings stops rather than mixing images. Scores are cached per m
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -28,118 +27,17 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..images import image_grid, thumbnail
 from ..provenance import commit, machine
 from . import report as report_lib
 from . import winrate
 from .prompts import PromptSet, load_prompts
 from .scorers import Metric, parse_metrics, resolve_device
+from .specs import EvalError, ModelSpec
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
-TOY_SAMPLING = {"steps": 20, "guidance": 3.0, "resolution": 32}  # the toy demo's sampling (toy/demo.py)
+TOY_SAMPLING = {"steps": 20, "guidance": 3.0, "resolution": 32}  # the demo's sampling (apps/demo.py SAMPLING)
 DEFAULT_SAMPLING = {"steps": 50, "guidance": 7.5, "resolution": None}
 SEED_STRIDE = 1000  # seeds of prompt i are seed + SEED_STRIDE * i + k, so N is at most SEED_STRIDE
-HASH_LIMIT = 256 * 2**20  # weight files up to this size are hashed whole; larger ones by size and ends
-
-
-class EvalError(ValueError):
-    """A problem with the evaluation's inputs or output folder, stated so that the user can fix it."""
-
-
-# ---------------------------------------------------------------- model specs
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model to evaluate: a base pipeline plus an optional LoRA folder or UNet folder."""
-
-    name: str
-    base: str
-    lora: str | None = None
-    unet: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> ModelSpec:
-        """From 'NAME=BASE[+lora:DIR|+unet:DIR|+DIR]'; NAME defaults to the adapter's or base's last path part."""
-        name, sep, rest = text.partition("=")
-        if not sep:
-            name, rest = "", text
-        base, plus, adapter = rest.partition("+")
-        base, adapter = base.strip(), adapter.strip()
-        if not base:
-            raise EvalError(f"model {text!r}: no base pipeline; write NAME=BASE[+lora:DIR|+unet:DIR]")
-        lora = unet = None
-        if plus:
-            kind, colon, folder = adapter.partition(":")
-            if colon and kind in ("lora", "unet"):
-                lora, unet = (folder, None) if kind == "lora" else (None, folder)
-            else:
-                lora, unet = detect_adapter(adapter, text)
-            if not (lora or unet):
-                raise EvalError(f"model {text!r}: nothing after '+'; write +lora:DIR or +unet:DIR")
-        name = name.strip() or Path((lora or unet or base).rstrip("/")).name or base
-        return cls(_check_name(name, text), base, lora, unet)
-
-    def describe(self) -> str:
-        """The spec written back as text."""
-        extra = f"+lora:{self.lora}" if self.lora else f"+unet:{self.unet}" if self.unet else ""
-        return f"{self.name}={self.base}{extra}"
-
-    def validate(self) -> None:
-        """EvalError unless the adapter folder exists and holds what its kind needs."""
-        if self.lora and not (Path(self.lora) / LORA_FILE).is_file() and not Path(self.lora).is_file():
-            raise EvalError(f"model {self.name!r}: no {LORA_FILE} in {self.lora}")
-        if self.unet and not _unet_dir(Path(self.unet)):
-            raise EvalError(f"model {self.name!r}: {self.unet} is not a UNet folder (no config.json or unet/config.json)")
-
-    def fingerprint(self) -> dict:
-        """Hashes of the adapter weights, so that a retrained LoRA or UNet is not mistaken for the old one."""
-        folder = Path(self.lora or self.unet or "")
-        if not (self.lora or self.unet):
-            return {}
-        files = [folder] if folder.is_file() else sorted(
-            p for p in (_unet_dir(folder) or folder).iterdir() if p.suffix in (".safetensors", ".bin"))
-        return {p.name: file_digest(p) for p in files}
-
-
-def _check_name(name: str, text: str) -> str:
-    """name if it is usable as a folder name; EvalError otherwise."""
-    if not name or any(c in name for c in "/\\:") or name in (".", ".."):
-        raise EvalError(f"model {text!r}: the name {name!r} must be a plain word (no / \\ or :)")
-    return name
-
-
-def _unet_dir(folder: Path) -> Path | None:
-    """The UNet folder inside a run folder or the folder itself; None when neither holds a config.json."""
-    for cand in (folder / "unet", folder):
-        if (cand / "config.json").is_file():
-            return cand
-    return None
-
-
-def detect_adapter(folder: str, text: str) -> tuple[str | None, str | None]:
-    """(lora, unet) for a '+DIR' adapter, from what the folder holds."""
-    path = Path(folder)
-    if (path / LORA_FILE).is_file():
-        return folder, None
-    if _unet_dir(path):
-        return None, folder
-    raise EvalError(f"model {text!r}: {folder} holds neither {LORA_FILE} nor a UNet (config.json); "
-                    "write +lora:DIR or +unet:DIR")
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file; for files over HASH_LIMIT, of its size and first and last MiB."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        if size <= HASH_LIMIT:
-            for chunk in iter(lambda: fh.read(2**20), b""):
-                h.update(chunk)
-        else:
-            h.update(str(size).encode())
-            h.update(fh.read(2**20))
-            fh.seek(-(2**20), os.SEEK_END)
-            h.update(fh.read(2**20))
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- settings
@@ -391,15 +289,6 @@ def _cache_valid(metric: Metric, seeds: np.ndarray, folder: Path, cache: Path) -
 
 # ---------------------------------------------------------------- report
 
-def thumbnail(image: Image.Image, side: int = 192) -> Image.Image:
-    """image shrunk to at most side pixels (large model outputs), unchanged when already small."""
-    if max(image.size) <= side:
-        return image
-    im = image.copy()
-    im.thumbnail((side, side), Image.Resampling.LANCZOS)
-    return im
-
-
 def build_grids(settings: EvalSettings, prompts: list[str], seeds: np.ndarray, out: Path) -> dict:
     """Two grids: the first prompts at their first seed, and every seed of the first prompt; models as rows."""
     names = [m.name for m in settings.models]
@@ -415,8 +304,8 @@ def build_grids(settings: EvalSettings, prompts: list[str], seeds: np.ndarray, o
     labels = [f"{prompts[i]} (seed {seeds[i, 0]})" for i in range(k)]
     per_seed = {n: [load(n, 0, s) for s in seeds[0]] for n in names}
     return {
-        "same prompt and seed across models": report_lib.image_grid(across, labels, scale=scale),
-        f"all {seeds.shape[1]} seeds of prompt 0: {prompts[0]}": report_lib.image_grid(
+        "same prompt and seed across models": image_grid(across, labels, scale=scale),
+        f"all {seeds.shape[1]} seeds of prompt 0: {prompts[0]}": image_grid(
             per_seed, [f"seed {s}" for s in seeds[0]], scale=scale),
     }
 

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from .. import registry
+from ..config import ConfigError
 from .base import DiffusionFamily, unwrap
 from .stable_diffusion import StableDiffusion
 
@@ -12,12 +14,11 @@ __all__ = ["DiffusionFamily", "StableDiffusion", "component_fingerprint", "load_
 
 
 def resolve_pretrained(name: str) -> str:
-    """Map the alias ``toy`` to the shipped tiny shapes-world pipeline; other names pass through."""
-    if name == "toy":
-        from ..toy import weights_dir
-
-        return str(weights_dir())
-    return name
+    """A model alias registered in the ``diffusion_kto.models`` entry points (``toy``: the shipped tiny shapes-world
+    pipeline) as its folder; other names (hub ids, folders) pass through. ConfigError when the alias's provider
+    cannot be loaded."""
+    folder = registry.load(registry.MODELS, name, error=ConfigError)
+    return name if folder is None else str(folder())
 
 
 def _family_of(pretrained: str) -> type:

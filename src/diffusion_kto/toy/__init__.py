@@ -1,4 +1,7 @@
-"""The toy shapes world: prompts, renderer, judges, and the shipped tiny Stable Diffusion pipeline."""
+"""The toy shapes world: prompts, renderer, judges, and the shipped tiny Stable Diffusion pipeline.
+
+Registered under the name ``toy`` (pyproject.toml entry points): the model alias (:func:`weights_dir`), the judge
+provider (``judges.JUDGES``) and the held-out prompt set (``world.eval_prompts``)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -7,14 +7,13 @@ images are PIL images (or an (N, H, W, 3) uint8 array) and prompts are toy-gramm
 - ``aesthetic``: the shape is centred, its edges are sharp, and the background around it is clean.
 - ``preference`` (the demo's default): fidelity x aesthetic.
 
-``load_judge`` also accepts ``package.module:callable`` and ``path/to/file.py:callable`` for user judges.
+``JUDGES`` maps their names (and those of the sub-scores) to them; it is registered as the ``toy`` judge provider
+(entry point group ``diffusion_kto.scorers``), so that ``toy:preference`` names a judge for
+``diffusion_kto.evaluation.judges.load_judge`` and ``dkto eval --metrics``.
 All measures are vectorised numpy over the batch (many thousands of images per second).
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -279,52 +278,3 @@ def label(
         raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     return liked ^ (rng.random(liked.shape) < flip_prob)
-
-
-def _load_from_file(spec: str, path: str) -> object:
-    """Import a Python file by path as a fresh module."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ValueError(f"cannot load judge {spec!r}: file {str(file)!r} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"dkto_user_judge_{file.stem}", file)
-    if module_spec is None or module_spec.loader is None:
-        raise ValueError(f"cannot load judge {spec!r}: {str(file)!r} is not an importable Python file")
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as exc:
-        raise ValueError(f"cannot load judge {spec!r}: importing {str(file)!r} failed: {exc!r}") from exc
-    return module
-
-
-def _load_module(spec: str, name: str) -> object:
-    """Import a module by dotted name."""
-    try:
-        return importlib.import_module(name)
-    except Exception as exc:
-        raise ValueError(f"cannot load judge {spec!r}: importing module {name!r} failed: {exc!r}") from exc
-
-
-def load_judge(spec: str | Judge) -> Judge:
-    """A judge from a built-in name, 'package.module:callable', 'path/to/file.py:callable', or a callable."""
-    if callable(spec):
-        return spec
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"cannot load judge {spec!r}: expected a built-in name {sorted(JUDGES)}, "
-                         "'package.module:callable' or 'path/to/file.py:callable'")
-    spec = spec.strip()
-    if spec in JUDGES:
-        return JUDGES[spec]
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not attr:
-        raise ValueError(f"cannot load judge {spec!r}: not a built-in judge {sorted(JUDGES)} and not of the form "
-                         "'package.module:callable' or 'path/to/file.py:callable'")
-    is_file = target.endswith(".py") or "/" in target or "\\" in target
-    obj = _load_from_file(spec, target) if is_file else _load_module(spec, target)
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"cannot load judge {spec!r}: {target!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"cannot load judge {spec!r}: {attr!r} is a {type(obj).__name__}, not a callable")
-    return obj

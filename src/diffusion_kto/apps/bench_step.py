@@ -2,8 +2,9 @@
 
 Every (adapter, loss) mode runs in fresh subprocesses, so that nothing carries over from one mode to the next. A
 worker builds the real :class:`~diffusion_kto.train.DiffusionKTOTrainer` on synthetic feedback, draws its batches
-from the trainer's own loader beforehand (image decoding is not timed), and runs ``warmup`` + ``steps`` steps of
-``train_step`` and the trainer's optimizer step. Times: the median over the timed steps of ``repeats`` rounds.
+from the trainer's own loader beforehand (image decoding is not timed), and times ``warmup`` + ``steps`` calls of
+``trainer.step`` (forward, backward and the optimizer step). Times: the median over the timed steps of ``repeats``
+rounds.
 
 Memory comes from one more worker per mode. On CUDA: ``torch.cuda.max_memory_allocated``. On CPU, its analogue:
 the weights of every module (policy, reference copy, VAE, text encoder) plus the rise of the resident set from
@@ -22,10 +23,10 @@ the plain medians of the other modes (a mean over windows of k steps would pick 
 ``--end-to-end`` times whole ``dkto train`` runs instead (subprocesses: model loading, data loading and decoding,
 encoding, logging and export included) without and with ``data.cache``, and reports trained images per second
 (of the training loop, and of the whole command) and the share of the loop spent waiting on data. Beside them, for
-each adapter of ``official``, the official script's step design (:mod:`diffusion_kto.bench_official`: VAE and text
+each adapter of ``official``, the official script's step design (:mod:`diffusion_kto.apps.bench_official`: VAE and text
 encoding every step, the reference weights swapped in from the CPU) and ours, uncached and cached, on the same
 model, data and loss (kto, matched reference point: the script's default), in the same interleaved rounds, with
-the ratio ours / official of loop images per second (the issue's target: >= 3 once cached).
+the ratio ours / official of loop images per second (the target, ``OFFICIAL_TARGET``: >= 3 once cached).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import ConfigError
+from ..config import ConfigError
 
 # (name, loss overrides): the losses compared; ratios are taken to "sft"
 LOSSES = {
@@ -125,7 +126,7 @@ def write_feedback(folder: Path, resolution: int, n: int = 16, seed: int = 0) ->
 
 def native_resolution(pretrained: str) -> int:
     """The VAE's sample_size of a local diffusers folder (512 when it cannot be read)."""
-    from .models import resolve_pretrained
+    from ..models import resolve_pretrained
 
     config = Path(resolve_pretrained(pretrained)) / "vae" / "config.json"
     try:
@@ -162,13 +163,13 @@ def run_worker(overrides: list[str], warmup: int, steps: int, threads: int | Non
 
     import torch
 
-    from .config import load_config
-    from .train import DiffusionKTOTrainer
+    from ..config import load_config
+    from ..train import DiffusionKTOTrainer
 
     if threads:
         torch.set_num_threads(threads)
     trainer = DiffusionKTOTrainer(load_config(None, overrides))
-    acc, unet = trainer.accelerator, trainer.family.trainable_module()
+    acc = trainer.accelerator
     cuda = acc.device.type == "cuda"
     gc.collect()
     loaded_mb = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb()
@@ -177,13 +178,12 @@ def run_worker(overrides: list[str], warmup: int, steps: int, threads: int | Non
         torch.cuda.reset_peak_memory_stats()
     else:
         exact = _reset_peak_rss()  # drop the transient peak of loading the weights
-    loader = iter(trainer._loader(0))
+    loader = iter(trainer.loader())
     batches = [next(loader) for _ in range(warmup + steps)]
     times = []
     for batch in batches:
         start = time.perf_counter()
-        with acc.accumulate(unet):
-            trainer._optimizer_step(trainer.train_step(batch))
+        trainer.step(batch)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -225,7 +225,7 @@ def _spawn(overrides: list[str], warmup: int, steps: int, threads: int | None, m
         env["OMP_NUM_THREADS"] = str(threads)
     if memory:
         env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_ARENA_MAX="1")
-    proc = subprocess.run([sys.executable, "-m", "diffusion_kto.bench", spec], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "diffusion_kto.apps.bench_step", spec], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker failed ({' '.join(overrides)}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -297,7 +297,7 @@ def check_targets(rat: dict) -> dict:
 
 def _check_settings(s: BenchSettings) -> None:
     """ConfigError for settings no benchmark can run with."""
-    from .models import resolve_pretrained
+    from ..models import resolve_pretrained
 
     if s.steps < AMORTIZED_EVERY or s.warmup < 0 or s.repeats < 1 or s.memory_steps < 1:
         raise ConfigError(f"bench step needs steps >= {AMORTIZED_EVERY} (kto_amortized estimates Q_ref on one step "
@@ -355,8 +355,8 @@ def bench_end_to_end(s: BenchSettings, adapter: str = "lora", loss: str = "kto_m
     """Whole runs of ``warmup + steps`` steps, ``repeats`` interleaved rounds of every mode of :func:`e2e_modes`.
 
     The cache is built once beforehand (its time is reported apart: a one-off per dataset and model)."""
-    from .config import load_config
-    from .train.precompute import build_cache
+    from ..config import load_config
+    from ..train.precompute import build_cache
 
     _check_settings(s)
     resolution = s.resolution or native_resolution(s.model)
@@ -410,7 +410,7 @@ def official_comparison(summary: dict, official: tuple[str, ...]) -> dict:
 
 
 # how each runner of an end-to-end mode is started: `dkto train`, or the official step design's worker
-_RUNNERS = {"train": ["diffusion_kto.cli", "train"], "official": ["diffusion_kto.bench_official"]}
+_RUNNERS = {"train": ["diffusion_kto.cli", "train"], "official": ["diffusion_kto.apps.bench_official"]}
 
 
 def _spawn_run(runner: str, overrides: list[str], out: Path, threads: int | None, warmup: int) -> dict:
@@ -442,7 +442,7 @@ def _e2e_summary(runs: list[dict]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """Worker entry point: ``python -m diffusion_kto.bench '<json spec>'`` prints one JSON line."""
+    """Worker entry point: ``python -m diffusion_kto.apps.bench_step '<json spec>'`` prints one JSON line."""
     spec = json.loads(argv[0])
     print(json.dumps(run_worker(spec["overrides"], spec["warmup"], spec["steps"], spec.get("threads"))))
     return 0

@@ -268,7 +268,7 @@ def markdown(results: dict, command: str) -> str:
                            {"Samples": "utility2d.png"}, notes)
 
 
-def run(out_dir: str | Path, recipe: Recipe2D | None = None, command: str = "points2d.run") -> dict:
+def run(out_dir: str | Path, recipe: Recipe2D | None = None, command: str = "utility2d.run") -> dict:
     """Pretrain, fine-tune with every method and the beta grid, and write utility2d.png, .json and .md."""
     recipe = recipe or Recipe2D()
     out = Path(out_dir)

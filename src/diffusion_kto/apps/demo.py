@@ -19,10 +19,12 @@ import numpy as np
 from ..config import load_config
 from ..evaluation import report as report_lib
 from ..evaluation import winrate
+from ..evaluation.judges import Judge, load_judge
+from ..images import image_grid
 from ..provenance import commit, machine
 from ..sampling import generate, load_pipeline
 from ..train import DiffusionKTOTrainer
-from . import judges, world
+from ..toy import judges, world
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy-kto.yaml"
 SAMPLING = {"steps": 20, "guidance": 3.0, "resolution": world.SIZE}
@@ -47,6 +49,15 @@ class DemoSettings:
     config: Path = CONFIG
     overrides: Sequence[str] = ()
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def demo_judge(spec: str | Judge) -> Judge:
+    """The judge of ``--judge``: a bare name of a shapes-world judge (``preference``, the default; ``fidelity``, ...)
+    is the registered ``toy:<name>``; anything else is a spec for :func:`~diffusion_kto.evaluation.judges.load_judge`
+    (``provider:name``, ``package.module:callable``, ``path/to/file.py:callable``)."""
+    if isinstance(spec, str) and spec.strip() in judges.JUDGES:
+        spec = f"toy:{spec.strip()}"
+    return load_judge(spec)
 
 
 @contextmanager
@@ -110,7 +121,7 @@ def run_demo(settings: DemoSettings) -> dict:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"demo output folder {out} exists and is not empty; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    judge = judges.load_judge(settings.judge)
+    judge = demo_judge(settings.judge)
     commit()  # the code this run starts with is what its report names
     total = time.perf_counter()
     with stage(settings, "load base model"):
@@ -143,7 +154,7 @@ def trained_pipeline(model: str, trained, device: str | None = None):
     return load_pipeline(model, device=device, unet=str(exported))
 
 
-def score_model(pipe, judge, settings: DemoSettings) -> dict:
+def judge_model(pipe, judge, settings: DemoSettings) -> dict:
     """One model on the held-out prompts and seeds: images, judge scores (prompt x group, image), fidelity, liked
     share and diversity."""
     images, prompts, seeds = eval_images(pipe, settings)
@@ -159,7 +170,7 @@ def score_model(pipe, judge, settings: DemoSettings) -> dict:
 
 def evaluate(base, aligned, judge, settings: DemoSettings) -> dict:
     """Scores, fidelity and diversity of base and aligned on the same held-out prompts and seeds."""
-    return {name: score_model(pipe, judge, settings) for name, pipe in (("base", base), ("aligned", aligned))}
+    return {name: judge_model(pipe, judge, settings) for name, pipe in (("base", base), ("aligned", aligned))}
 
 
 def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained, results: dict, seconds: float) -> dict:
@@ -171,7 +182,7 @@ def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained
     guards = {m: {"judge liked share": f"{r['liked_share']:.1%}", "prompt fidelity": f"{r['fidelity']:.3f}",
                   "diversity": f"{r['diversity']:.4f}"} for m, r in results.items()}
     cols = list(range(0, len(results["base"]["images"]), n * settings.groups_per_prompt))[:12]
-    grid = report_lib.image_grid({m: [results[m]["images"][i] for i in cols] for m in ("base", "aligned")},
+    grid = image_grid({m: [results[m]["images"][i] for i in cols] for m in ("base", "aligned")},
                                  col_labels=[f"{results['base']['prompts'][i]} #{results['base']['seeds'][i]}" for i in cols])
     metrics = {
         "win_rate": {"rate": wr.rate, "ci": wr.ci, "n": wr.n, "wins": wr.wins, "ties": wr.ties},

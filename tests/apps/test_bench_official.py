@@ -1,11 +1,12 @@
-"""The official script's step design (bench_official.py) is a faithful emulation: it trains, and its reference
+"""The official script's step design (apps/bench_official.py) is a faithful emulation: it trains, and its reference
 weight swap predicts with the reference weights and leaves the trained weights (and their gradients) exactly as they were."""
 import json
 
 import pytest
 import torch
 
-from diffusion_kto import bench, bench_official
+from diffusion_kto.apps import bench_official
+from diffusion_kto.apps import bench_step as bench
 from diffusion_kto.config import ConfigError, load_config
 from diffusion_kto.models import unwrap
 
@@ -32,7 +33,7 @@ def test_steps_train_and_the_swap_predicts_with_the_reference_and_restores_exact
     trainer = bench_official.official_trainer(load_config(None, _overrides(tiny_sd, tmp_path)))
     fam, unet = trainer.family, trainer.family.trainable_module()
     initial, reference = _weights(unet), bench_official.cpu_reference(trainer.family)
-    loader, parts = iter(trainer._loader(0)), bench_official.PartTimes(torch.device("cpu"))
+    loader, parts = iter(trainer.loader()), bench_official.PartTimes(torch.device("cpu"))
     for step in range(2):
         log = bench_official.official_step(trainer, next(loader), reference, step, parts)
         parts.next_step()
@@ -44,13 +45,13 @@ def test_steps_train_and_the_swap_predicts_with_the_reference_and_restores_exact
 
     x_t, t, cond = _inputs(fam)
     with torch.no_grad():
-        policy = unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
-    ref = bench_official.swapped_reference(unet, reference, x_t, t, cond)
+        policy = unet(x_t, t, encoder_hidden_states=cond.hidden_states, return_dict=False)[0]
+    ref = bench_official.swapped_reference(fam, reference, x_t, t, cond)
     assert all(torch.equal(a, b) for a, b in zip(_weights(unet), trained))  # restored bit for bit
     assert not torch.allclose(ref, policy)  # not a no-op ...
     fresh = bench_official.official_trainer(load_config(None, _overrides(tiny_sd, tmp_path / "fresh")))
     with torch.no_grad():  # ... but the initial UNet's prediction
-        expected = fresh.family.trainable_module()(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+        expected = fresh.family.trainable_module()(x_t, t, encoder_hidden_states=cond.hidden_states, return_dict=False)[0]
     torch.testing.assert_close(ref, expected, rtol=0, atol=1e-6)
 
 
@@ -63,9 +64,9 @@ def test_backward_after_the_swap_gives_the_gradients_of_the_trained_weights(tiny
 
     def grads(swap: bool):
         unet.zero_grad(set_to_none=True)
-        loss = unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0].pow(2).mean()
+        loss = unet(x_t, t, encoder_hidden_states=cond.hidden_states, return_dict=False)[0].pow(2).mean()
         if swap:
-            bench_official.swapped_reference(unet, reference, x_t, t, cond)
+            bench_official.swapped_reference(fam, reference, x_t, t, cond)
         loss.backward()
         return [p.grad.clone() for p in unet.parameters() if p.grad is not None]
 
@@ -78,7 +79,7 @@ def test_lora_reference_is_the_adapters_off(tiny_sd, tmp_path):
     assert bench_official.cpu_reference(trainer.family) is None
     before = _weights(trainer.family.trainable_module())
     parts = bench_official.PartTimes(torch.device("cpu"))
-    bench_official.official_step(trainer, next(iter(trainer._loader(0))), None, 0, parts)
+    bench_official.official_step(trainer, next(iter(trainer.loader())), None, 0, parts)
     assert any(not torch.equal(a, b) for a, b in zip(_weights(trainer.family.trainable_module()), before))
     assert "swap" not in parts.steps[0]
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from diffusion_kto.toy.points2d import Recipe2D, beta_from_sft, blowup_step, finetune, pretrain, run, sample, summarise
+from diffusion_kto.apps.utility2d import Recipe2D, beta_from_sft, blowup_step, finetune, pretrain, run, sample, summarise
 
 TINY = dict(pretrain_steps=150, finetune_steps=60, samples=300, timesteps=20, batch_size=128, trace_every=20)
 

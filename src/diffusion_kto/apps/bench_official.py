@@ -17,7 +17,7 @@ of a step differs from `dkto train`:
 Not emulated: the script's fp32 VAE under mixed precision (the VAE here runs in the compute dtype, as in ours; the
 same in fp32 runs) and its 8-bit AdamW (here the configured optimizer).
 
-Run as ``python -m diffusion_kto.bench_official --warmup N key=value ...`` with the overrides of a `dkto train`
+Run as ``python -m diffusion_kto.apps.bench_official --warmup N key=value ...`` with the overrides of a `dkto train`
 run: it writes ``summary.json`` in ``train.output_dir`` in the trainer's shape, plus per-part times.
 """
 from __future__ import annotations
@@ -32,9 +32,11 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from . import diffusion, losses
-from .config import Config, ConfigError, load_config
-from .models import load_family, unwrap
+from .. import diffusion, losses
+from ..config import Config, ConfigError, load_config
+from ..data import Batch
+from ..models import load_family, unwrap
+from ..models.base import Conditioning
 
 PARTS = ("vae_encode", "text_encode", "swap", "reference")  # timed parts of a step ("reference" includes "swap")
 
@@ -87,17 +89,18 @@ def copy_into(params: list[nn.Parameter], values: list[Tensor]) -> None:
         p.data.copy_(v.to(p.device))
 
 
-def swapped_reference(unet: nn.Module, reference: list[Tensor], x_t: Tensor, t: Tensor, cond: Tensor,
+def swapped_reference(family, reference: list[Tensor], x_t: Tensor, t: Tensor, cond: Conditioning,
                       parts: PartTimes | None = None) -> Tensor:
-    """The script's full fine-tune reference forward: store, copy the reference in, no-grad forward, restore."""
+    """The script's full fine-tune reference forward: store, copy the reference into the trained network, no-grad
+    forward of the policy (now holding the reference weights), restore."""
     parts = parts or PartTimes(x_t.device)
-    params = list(unwrap(unet).parameters())
+    params = list(unwrap(family.trainable_module()).parameters())
     with parts("swap"):
         trained = store(params)
         copy_into(params, reference)
     try:
         with torch.no_grad():
-            return unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+            return family.predict(x_t, t, cond)
     finally:
         with parts("swap"):
             copy_into(params, trained)
@@ -110,18 +113,18 @@ def cpu_reference(family) -> list[Tensor] | None:
     return [p.detach().to("cpu", copy=True) for p in unwrap(family.trainable_module()).parameters()]
 
 
-def reference_prediction(family, reference: list[Tensor] | None, x_t: Tensor, t: Tensor, cond: Tensor,
+def reference_prediction(family, reference: list[Tensor] | None, x_t: Tensor, t: Tensor, cond: Conditioning,
                          parts: PartTimes) -> Tensor:
     """The script's reference forward: the weight swap (full fine-tune) or the UNet with adapters off (LoRA)."""
     if reference is None:
         return family.predict(x_t, t, cond, reference=True)
-    return swapped_reference(family.trainable_module(), reference, x_t, t, cond, parts)
+    return swapped_reference(family, reference, x_t, t, cond, parts)
 
 
 def official_trainer(cfg: Config):
     """Our trainer (loader, optimizer, LR schedule, accelerator) around a family loaded without a frozen GPU copy."""
-    from .train import DiffusionKTOTrainer
-    from .train.inputs import DTYPES
+    from ..train import DiffusionKTOTrainer
+    from ..train.inputs import DTYPES
 
     if cfg.loss.name != "kto" or cfg.loss.reference_point != "matched" or cfg.data.cache is not None:
         raise ConfigError("the official step design is loss.name=kto, loss.reference_point=matched, no data.cache")
@@ -131,31 +134,37 @@ def official_trainer(cfg: Config):
     return DiffusionKTOTrainer(cfg, family=family)
 
 
-def official_step(trainer, batch: dict, reference: list[Tensor] | None, step: int, parts: PartTimes) -> dict[str, float]:
+def batch_inputs(batch: Batch) -> tuple[Tensor, list[str], Tensor]:
+    """(pixels, prompts, liked) of a batch from the trainer's loader: the one place that reads its fields."""
+    return batch.pixels, batch.prompts, batch.desirable
+
+
+def official_step(trainer, batch, reference: list[Tensor] | None, step: int, parts: PartTimes) -> dict[str, float]:
     """One step of the script: encode images and prompts, policy forward, reference forward, matched Q_ref, KT
     loss, backward, clipped AdamW step; returns the per-step log (with ``stepped``: whether the optimizer stepped)."""
-    from .train.trainer import StepOutput
+    from ..train import StepOutput
 
     fam, acc, cfg = trainer.family, trainer.accelerator, trainer.cfg
+    pixels, prompts, desirable = batch_inputs(batch)
     generator = diffusion.step_generator(cfg.train.seed, step)
-    with acc.accumulate(fam.trainable_module()), acc.autocast():
+    with trainer.accumulate(), acc.autocast():
         with parts("vae_encode"):
-            x0 = fam.encode_images(batch["pixel_values"], lambda shape: diffusion.sample_noise(shape, generator))
+            x0 = fam.encode_images(pixels, lambda shape: diffusion.sample_noise(shape, generator))
         with parts("text_encode"):
-            cond = fam.encode_prompts(batch["prompts"])
+            cond = fam.condition(fam.encode_prompts(prompts), batch)
         noise = diffusion.sample_noise(tuple(x0.shape), generator)
         t = diffusion.sample_timesteps(len(x0), fam.num_train_timesteps, generator).to(x0.device)
-        x_t, tgt = fam.noisy(x0, noise, t)
+        x_t, tgt, _ = fam.noisy(x0, noise, t)
         policy_err = diffusion.per_sample_error(fam.predict(x_t, t, cond), tgt)  # (B,), with grad
         with parts("reference"):
             ref_err = diffusion.per_sample_error(reference_prediction(fam, reference, x_t, t, cond, parts), tgt)
         kl = losses.reference_point(policy_err, ref_err)  # matched: the batch itself, clamped at 0
-        out = losses.kto_loss(policy_err, ref_err, batch["desirable"], kl, beta=cfg.loss.beta, utility=cfg.loss.utility,
+        out = losses.kto_loss(policy_err, ref_err, desirable, kl, beta=cfg.loss.beta, utility=cfg.loss.utility,
                               desirable_weight=cfg.loss.desirable_weight,
                               undesirable_weight=cfg.loss.undesirable_weight)
         loss = out.losses.mean()
         acc.backward(loss)
-        stepped = trainer._optimizer_step(StepOutput(loss=loss.detach(), metrics={"finite": 1.0}))
+        stepped = trainer.optimizer_step(StepOutput(loss=loss.detach(), metrics={"finite": 1.0}))
     return {"loss": loss.item(), "kl": kl.item(), "policy_err": policy_err.mean().item(),
             "ref_err": ref_err.mean().item(), "accuracy": out.accuracy.item(), "stepped": stepped}
 
@@ -163,12 +172,12 @@ def official_step(trainer, batch: dict, reference: list[Tensor] | None, step: in
 def run_official(overrides: list[str], warmup: int) -> dict:
     """A `dkto train`-shaped run of the official step design: train.max_steps steps, then the script's checkpoint
     (the UNet's ``save_pretrained``); writes and returns ``summary.json`` with per-part times."""
-    from .train.trainer import TrainResult
+    from ..train import TrainResult
 
     cfg = load_config(None, overrides)
     trainer = official_trainer(cfg)
     reference = cpu_reference(trainer.family)
-    loader = iter(trainer._loader(0))
+    loader = iter(trainer.loader())
     parts = PartTimes(trainer.accelerator.device)
     step_seconds, waited, taken = [], 0.0, 0
     start = time.perf_counter()
@@ -182,8 +191,8 @@ def run_official(overrides: list[str], warmup: int) -> dict:
     seconds = time.perf_counter() - start
     unwrap(trainer.family.trainable_module()).save_pretrained(trainer.out / "unet", safe_serialization=True)
     images = cfg.train.max_steps * cfg.train.batch_size
-    trainer._write_summary(TrainResult(trainer.out, cfg.train.max_steps, [], seconds, images / seconds, 0,
-                                       data_wait_seconds=waited))
+    trainer.write_summary(TrainResult(trainer.out, cfg.train.max_steps, [], seconds, images / seconds, 0,
+                                      data_wait_seconds=waited))
     timed = step_seconds[warmup:] or step_seconds
     extra = {"images_per_second_after_warmup": round(len(timed) * cfg.train.batch_size / sum(timed), 3),
              "step_ms_median": round(1000 * statistics.median(timed), 3), "parts_ms": parts.median_ms(warmup)}
@@ -194,10 +203,10 @@ def run_official(overrides: list[str], warmup: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """Worker entry point: ``python -m diffusion_kto.bench_official --warmup N key=value ...``."""
+    """Worker entry point: ``python -m diffusion_kto.apps.bench_official --warmup N key=value ...``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m diffusion_kto.bench_official")
+    parser = argparse.ArgumentParser(prog="python -m diffusion_kto.apps.bench_official")
     parser.add_argument("--warmup", type=int, default=0, help="steps left out of the after-warm-up times")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """`dkto bench step`: the worker measures the real trainer step; ratios and targets are computed as documented."""
 import pytest
 
-from diffusion_kto import bench
+from diffusion_kto.apps import bench_step as bench
 from diffusion_kto.config import ConfigError, load_config
 
 
@@ -69,7 +69,7 @@ def _fake_summary(images_per_s: float, parts: bool) -> dict:
 
 def test_end_to_end_times_the_official_design_beside_ours_in_rotated_rounds(tiny_sd, monkeypatch):
     """Every mode runs once per round, each round starting one mode later; ours / official is taken from the
-    medians of loop images per second, and the issue's target is ours cached >= 3x the official design."""
+    medians of loop images per second, and the target (OFFICIAL_TARGET) is ours cached >= 3x the official design."""
     speed = {"official": 10.0, "train": 12.0, "train-cached": 35.0}
     calls = []
 

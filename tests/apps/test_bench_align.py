@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from diffusion_kto.toy.bench_align import METHODS, AlignSettings, run_bench_align
+from diffusion_kto.apps.bench_align import METHODS, AlignSettings, run_bench_align
 
 
 @pytest.mark.slow
@@ -30,9 +30,9 @@ def test_training_steps_are_the_benchmarks_own_not_the_demo_configs(quick, steps
 
 
 def test_a_restarted_benchmark_reuses_a_finished_run_only_when_its_config_is_the_same(tmp_path):
-    from diffusion_kto import bench
+    from diffusion_kto.apps import bench_step as bench
     from diffusion_kto.config import ConfigError
-    from diffusion_kto.toy.bench_align import _train
+    from diffusion_kto.apps.bench_align import _train
 
     feedback = bench.write_feedback(tmp_path / "data", 32, n=8)
     out = _train(AlignSettings(out=tmp_path, steps=1), feedback, "sft", 4e-5, 0)

@@ -18,9 +18,11 @@ import numpy as np
 from ..config import ConfigError, load_config, to_dict
 from ..evaluation import report as report_lib
 from ..evaluation import winrate
+from ..images import image_grid
+from ..objectives import build_objective
 from ..sampling import generate, load_pipeline
 from ..train import DiffusionKTOTrainer
-from . import judges, world
+from ..toy import judges, world
 from ..provenance import commit, machine
 from .demo import CONFIG, SAMPLING, DemoSettings, collect_feedback, diversity, eval_images
 
@@ -39,7 +41,7 @@ METHODS: dict[str, tuple[str, ...]] = {
     "dpo": ("loss.name=dpo",),
     "kto-loss_averse": ("loss.utility=loss_averse",),
     "kto-risk_seeking": ("loss.utility=risk_seeking",),
-    "kto-gamma0.5": ("data.desirable_ratio=0.5",),  # the issue's gamma ablation {0.5, 0.8}
+    "kto-gamma0.5": ("data.desirable_ratio=0.5",),  # gamma ablation: 0.5 against the 0.8 of COMMON
     "kto-mismatched": ("loss.reference_point=mismatched",),  # the paper's Q_ref; configs/toy-kto.yaml uses matched
     # the amortized reference point of `dkto bench step` (mismatched Q_ref every 4th step, running mean between):
     # its win rate against "kto" (every-step estimate) should sit at 50% within the CI
@@ -73,7 +75,8 @@ class AlignSettings:
 
 
 def default_seeds(quick: bool) -> int:
-    """Training seeds per method when --seeds is not given: 3 (the issue's minimum), 1 for the quick look."""
+    """Training seeds per method when --seeds is not given: 3 (the fewest that show the spread between seeds), 1 for
+    the quick look."""
     return 1 if quick else 3
 
 
@@ -99,10 +102,9 @@ def _pipeline(model_dir: Path | None):
 
 
 def _prompt_for(method: str, prompt: str) -> str:
-    """CSFT models are sampled with the "good image" phrase they were trained with."""
-    from ..objectives import csft_prompt
-
-    return csft_prompt(prompt, position=CSFT_POSITION) if method == "csft" else prompt
+    """The prompt a method's model is sampled with: its objective's (CSFT: with the "good image" phrase it was
+    trained with; the others: the prompt itself)."""
+    return build_objective(load_config(CONFIG, [*COMMON, *METHODS[method]])).sampling_prompt(prompt)
 
 
 def _validation_score(method: str, model_dir: Path, seed: int) -> float:
@@ -115,8 +117,7 @@ def _validation_score(method: str, model_dir: Path, seed: int) -> float:
 
 def _evaluate(method: str, model_dir: Path | None, demo: DemoSettings) -> dict:
     """Scores (n_comparisons, N) under every metric, plus diversity, on held-out prompts and seeds."""
-    condition = (lambda p: _prompt_for(method, p)) if method == "csft" else None
-    images, prompts, _ = eval_images(_pipeline(model_dir), demo, condition)
+    images, prompts, _ = eval_images(_pipeline(model_dir), demo, lambda p: _prompt_for(method, p))
     n = demo.images_per_prompt
     scores = {name: np.asarray(fn(images, prompts), float).reshape(-1, n) for name, fn in METRICS.items()}
     return {"scores": scores, "diversity": diversity(images, n), "images": images[:: n * demo.groups_per_prompt]}
@@ -177,7 +178,7 @@ def write_align_report(settings, stats, tuning, chosen_lr, results, seconds) -> 
     guards = {m: {"prompt fidelity": f"{means[m]['fidelity'].mean:.3f}",
                   "diversity": f"{r['diversity']:.4f}", "diversity vs base": f"{r['diversity'] / base_div:.0%}"}
               for m, r in results.items()}
-    grid = report_lib.image_grid({m: r["images"][:9] for m, r in results.items()},
+    grid = image_grid({m: r["images"][:9] for m, r in results.items()},
                                  col_labels=world.eval_prompts()[:9])
     run = {"command": "dkto bench align" + (" --quick" if settings.quick else "") + _seeds_flag(settings), "commit": commit(),
            "machine": machine(), "wall time (s)": round(seconds, 1), "stages (s)": settings.timings}
