@@ -197,7 +197,7 @@ def run_worker(overrides: list[str], warmup: int, steps: int, threads: int | Non
         "device": str(acc.device),
         "threads": torch.get_num_threads(),
         "trainable_params": sum(p.numel() for p in trainer.family.trainable_parameters()),
-        "skipped_steps": trainer.skipped,
+        "skipped_steps": trainer.guard.skipped,
     }
 
 
