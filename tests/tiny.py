@@ -68,8 +68,9 @@ def build_tiny_sd(folder: Path, *, prediction_type: str = "epsilon") -> Path:
 
 def build_tiny_sdxl(folder: Path, *, prediction_type: str = "epsilon") -> Path:
     """Save a tiny StableDiffusionXLPipeline (random weights, 16x16 images) with save_pretrained: SDXL's layout in
-    miniature -- two CLIP text encoders (the second with a projection), a text_time UNet with 2 layers per block
-    (DownBlock2D then cross-attention, as SDXL starts), an Euler scheduler as SDXL ships, and SDXL's latent scale."""
+    miniature -- two CLIP text encoders (the second with a projection), a text_time UNet (DownBlock2D then
+    cross-attention, as SDXL starts; 1 layer per block where SDXL has 2, to keep tests fast: the naming of SDXL's own
+    layout is checked on its real config in test_export.py), an Euler scheduler as SDXL ships, and SDXL's latent scale."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -81,9 +82,9 @@ def build_tiny_sdxl(folder: Path, *, prediction_type: str = "epsilon") -> Path:
                 max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 16),
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        transformer_layers_per_block=(1, 1), attention_head_dim=(2, 4), use_linear_projection=True,
         cross_attention_dim=32, norm_num_groups=4, addition_embed_type="text_time", addition_time_embed_dim=4,
         projection_class_embeddings_input_dim=6 * 4 + 16,  # 6 time ids x 4 + text_encoder_2's projection (16)
     )

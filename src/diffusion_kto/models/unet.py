@@ -287,4 +287,25 @@ class UNetFamily:
         """A sampling pipeline (DDIM sampler) over this family's modules, policy or reference weights."""
         with contextlib.ExitStack() as stack:
             unet = stack.enter_context(self.reference_weights()) if reference else unwrap(self.unet)
-            yield self.sampling_pipeline(unet)
+            pipe = self.sampling_pipeline(unet)
+            stack.enter_context(decoding_in_vae_dtype(pipe.vae))
+            yield pipe
+
+
+@contextlib.contextmanager
+def decoding_in_vae_dtype(vae: nn.Module) -> Iterator[None]:
+    """While sampling, latents reach the VAE decoder in the VAE's own dtype. Under train.mixed_precision a network
+    prepared by accelerate returns fp32 predictions, the scheduler turns them into fp32 latents, and a bf16 / fp16 VAE
+    refuses those (the validation images of every mixed-precision run failed so)."""
+
+    def cast(module: nn.Module, args: tuple) -> tuple:
+        """The first input in the dtype of the module's weights."""
+        return (args[0].to(next(module.parameters()).dtype), *args[1:])
+
+    parts = [m for m in (getattr(vae, "post_quant_conv", None), vae.decoder) if m is not None]
+    handles = [m.register_forward_pre_hook(cast) for m in parts]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
