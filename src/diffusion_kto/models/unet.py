@@ -99,6 +99,7 @@ class UNetFamily:
         self.lora_alpha = float(lora_alpha if lora_alpha is not None else lora_rank)
         self.unet = unet
         self.ref_unet = None
+        self._tuner_layers: list[nn.Module] | None = None  # LoRA layers, found on the first reference pass
         if unet is None:  # encoders only (dkto cache)
             return
         if lora_rank > 0:
@@ -210,12 +211,24 @@ class UNetFamily:
             return
         if self.lora_rank == 0:
             raise RuntimeError("this model was loaded without a reference (with_reference=False)")
-        inner = unwrap(self.unet)
-        inner.disable_adapters()
+        layers = self._adapter_layers()
+        for layer in layers:
+            layer.enable_adapters(False)
         try:
-            yield inner
+            yield unwrap(self.unet)
         finally:
-            inner.enable_adapters()
+            for layer in layers:
+                layer.enable_adapters(True)
+
+    def _adapter_layers(self) -> list[nn.Module]:
+        """The UNet's LoRA layers (peft tuner layers), found once. Switching them one by one is what diffusers'
+        disable_adapters / enable_adapters do after walking every module of the UNet, which costs more than the
+        switch itself (7.5 k modules on SDXL: 195 ms per off-and-on on this project's CPU, 70 ms without the walk)."""
+        if self._tuner_layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._tuner_layers = [m for m in unwrap(self.unet).modules() if isinstance(m, BaseTunerLayer)]
+        return self._tuner_layers
 
     # ------------------------------------------------------------------------------------------ I/O
 
