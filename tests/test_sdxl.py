@@ -121,11 +121,12 @@ def test_time_ids_describe_the_crop_actually_made(center, flip):
 
 def test_a_batch_conditions_on_each_images_size_and_crop(tiny_sdxl, xl_feedback, tmp_path):
     trainer = DiffusionKTOTrainer(_cfg(tiny_sdxl, xl_feedback, tmp_path / "run", **{"data.center_crop": False}))
-    batch = next(iter(trainer.loader()))
+    loader = trainer.loader()
+    batch = next(iter(loader))
     cond = trainer.family.condition(trainer.family.encode_prompts(batch.prompts), batch)
     for row, draw, ids in zip(batch.rows.tolist(), batch.draw_ids.tolist(), cond.time_ids.tolist()):
         width, height = SIZES[row % len(SIZES)]
-        item = trainer.loader().dataset[(row, draw)]
+        item = loader.dataset[(row, draw)]
         assert ids[:2] == [height, width] and ids[2:4] == list(item["crop"][:2]) and ids[4:] == [16, 16]
 
 
@@ -186,10 +187,10 @@ def test_cached_training_equals_uncached(tiny_sdxl, xl_feedback, tmp_path):
         runs[name] = trainer
     assert runs["cached"].family.text_encoder is None and runs["cached"].family.text_encoder_2 is None
     assert set(cache.text([""])) == {"hidden_states", "pooled"} and not cache.text([""])["pooled"].any()
-    plain = runs["plain"].loader().dataset
+    plain, from_cache = runs["plain"].loader().dataset, runs["cached"].loader().dataset
     for row in range(len(plain)):
         for draw in range(4):  # the cached geometry of each draw's flip variant is the transform's
-            fresh, cached = plain[(row, draw)], runs["cached"].loader().dataset[(row, draw)]
+            fresh, cached = plain[(row, draw)], from_cache[(row, draw)]
             assert (fresh["original_size"], fresh["crop"]) == (cached["original_size"], cached["crop"])
     assert image_hash(plain.rows[0]) in cache.images
     a, b = (load_file(str(tmp_path / n / "pytorch_lora_weights.safetensors")) for n in ("plain", "cached"))

@@ -44,10 +44,10 @@ class ItemTransform:
         if cached is not None:
             image = cached(self.random_flip and choices.flip)
         else:
-            pil, resolution, flags = load_image(row), int(self.resolution), dict(center_crop=self.center_crop,
-                                                                                  random_flip=self.random_flip)
-            image = {"pixel_values": transform_image(pil, resolution, choices, **flags),
-                     **crop_geometry(pil.size, resolution, choices, **flags)}
+            pil = load_image(row)
+            flags = {"center_crop": self.center_crop, "random_flip": self.random_flip}
+            image = {"pixel_values": transform_image(pil, int(self.resolution), choices, **flags),
+                     **crop_geometry(pil.size, int(self.resolution), choices, **flags)}
         return {
             **image,
             "prompt": transform_caption(row.prompt, choices),

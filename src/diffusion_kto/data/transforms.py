@@ -54,7 +54,8 @@ def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
 
 def crop_offsets(width: int, height: int, resolution: int, *, center: bool, crop_x: float = 0.5,
                  crop_y: float = 0.5) -> tuple[int, int]:
-    """(left, top) of a resolution × resolution crop of a width × height image: centred, or at crop_x, crop_y in [0, 1)."""
+    """(left, top) of a resolution × resolution crop of a width × height image: centred, or at crop_x, crop_y in
+    [0, 1)."""
     if center:
         return (width - resolution) // 2, (height - resolution) // 2
     return (min(int(crop_x * (width - resolution + 1)), width - resolution),
@@ -75,7 +76,8 @@ def crop_geometry(size: tuple[int, int], resolution: int, choices: DrawChoices, 
     as read, "crop": (top, left, height, width) of the crop in the resized image} -- SDXL's micro-conditioning
     (original size, crop top-left, target size). A flipped draw is a crop of the mirrored image: left mirrored."""
     width, height = resized_size(*size, resolution)
-    left, top = crop_offsets(width, height, resolution, center=center_crop, crop_x=choices.crop_x, crop_y=choices.crop_y)
+    left, top = crop_offsets(width, height, resolution, center=center_crop, crop_x=choices.crop_x,
+                             crop_y=choices.crop_y)
     if random_flip and choices.flip:
         left = width - left - resolution
     return {"original_size": (size[1], size[0]), "crop": (top, left, resolution, resolution)}

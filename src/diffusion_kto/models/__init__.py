@@ -111,7 +111,8 @@ def load_family(cfg, *, weight_dtype: torch.dtype, device: torch.device | str, w
     vae = {} if m.vae is None else {"vae": locate(m.vae, "model.vae", marker="config.json")}  # a separate VAE
     try:
         return family.from_pretrained(
-            pretrained, revision=m.revision, variant=m.variant, allow_pickle=m.allow_pickle, components=components, **vae,
+            pretrained, revision=m.revision, variant=m.variant, allow_pickle=m.allow_pickle, components=components,
+            **vae,
             lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
             lora_target_modules=tuple(cfg.lora.target_modules), weight_dtype=weight_dtype, device=device,
             gradient_checkpointing=cfg.train.gradient_checkpointing, with_reference=with_reference,

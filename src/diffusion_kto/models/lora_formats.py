@@ -52,7 +52,8 @@ class LoraSource:
 
 
 def lora_modules(peft_state: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
-    """peft LoRA weights grouped by module path: {path: (A (r, in, ...), B (out, r, ...))}; ValueError on a stray key."""
+    """peft LoRA weights grouped by module path: {path: (A (r, in, ...), B (out, r, ...))}; ValueError on a stray
+    key."""
     paths = sorted({k[: -len(A)] for k in peft_state if k.endswith(A)})
     stray = set(peft_state) - {p + s for p in paths for s in (A, B)}
     missing = [p for p in paths if p + B not in peft_state]
