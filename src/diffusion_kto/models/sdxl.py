@@ -108,7 +108,8 @@ class StableDiffusionXL(UNetFamily):
                             truncation=True, return_tensors="pt").input_ids.to(self.device)
             out = encoder(ids, output_hidden_states=True)
             states.append(out.hidden_states[-2])  # (B, L, D_i)
-        hidden, pooled = torch.cat(states, dim=-1), out.text_embeds  # (B, L, D1 + D2), (B, P)
+        hidden = torch.cat(states, dim=-1)  # (B, L, D1 + D2)
+        pooled = out.text_embeds  # (B, P): the projection of the last encoder, text_encoder_2
         if self.zero_empty_prompt:
             keep = torch.tensor([p != "" for p in prompts], device=hidden.device)
             hidden = torch.where(keep[:, None, None], hidden, torch.zeros_like(hidden))
