@@ -33,7 +33,6 @@ class RunLora:
     pretrained: str
     revision: str | None
     alpha: float
-    where: Path  # the file the weights came from
 
 
 def export_lora(run_dir: str | Path, fmt: str, out: str | Path) -> Path:
@@ -46,12 +45,10 @@ def export_lora(run_dir: str | Path, fmt: str, out: str | Path) -> Path:
     if out.exists():
         raise FileExistsError(f"--out: {out} already exists; an export never overwrites a file, choose another --out")
     lora = read_run_lora(Path(run_dir))
-    from diffusers import UNet2DConditionModel
-
     pretrained = locate(resolve_pretrained(lora.pretrained), "model.pretrained", revision=lora.revision)
     family = family_of(pretrained, lora.revision)
-    unet_config = dict(UNet2DConditionModel.load_config(pretrained, subfolder="unet", revision=lora.revision))
-    return write_lora(out, lora.weights, family.lora_source(lora.alpha, unet_config), fmt)
+    source = family.lora_source(lora.alpha, family.network_config(pretrained, lora.revision))
+    return write_lora(out, lora.weights, source, fmt)
 
 
 def read_run_lora(run_dir: Path) -> RunLora:
@@ -67,7 +64,7 @@ def read_run_lora(run_dir: Path) -> RunLora:
                               "manifest.json); export another checkpoint")
         config = json.loads((run_dir / checkpoint.MANIFEST).read_text()).get("config") or {}
         settings = _settings(config, run_dir / checkpoint.MANIFEST)
-        return RunLora(load_file(str(run_dir / "weights.safetensors")), *settings, run_dir / "weights.safetensors")
+        return RunLora(load_file(str(run_dir / "weights.safetensors")), *settings)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"RUN_DIR: {run_dir} has neither config.yaml (a run folder) nor manifest.json (a checkpoint)")
     settings = _settings(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, run_dir / "config.yaml")
@@ -75,7 +72,7 @@ def read_run_lora(run_dir: Path) -> RunLora:
         latest = checkpoint.latest_checkpoint(run_dir / "checkpoints")
         hint = f"; export a checkpoint instead, e.g. {latest}" if latest else ""
         raise ConfigError(f"RUN_DIR: {run_dir} has no {LORA_FILE}: the run has not finished{hint}")
-    return RunLora(peft_from_diffusers(load_file(str(run_dir / LORA_FILE))), *settings, run_dir / LORA_FILE)
+    return RunLora(peft_from_diffusers(load_file(str(run_dir / LORA_FILE))), *settings)
 
 
 def _settings(config: dict, where: Path) -> tuple[str, str | None, float]:

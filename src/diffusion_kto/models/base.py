@@ -80,7 +80,8 @@ class DiffusionFamily(Protocol):
     # class attributes read before a model loads (models.family_of gives the class):
     text_components: tuple[str, ...]  # pipeline folders a text cache is keyed by (text encoders and tokenizers)
     pipeline_kwargs: dict  # extra DiffusionPipeline.from_pretrained keywords for sampling (dkto sample, eval)
-    # and the class method lora_source(alpha, network_config) -> lora_formats.LoraSource, for dkto export
+    # and the class methods network_config(pretrained, revision) -> dict (the trained network's config, no weights)
+    # and lora_source(alpha, network_config) -> lora_formats.LoraSource, for dkto export
 
     def trainable_module(self) -> nn.Module:
         """The module whose parameters are optimised (the UNet or transformer, possibly wrapped)."""

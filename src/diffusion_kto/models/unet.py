@@ -64,6 +64,13 @@ class UNetFamily:
     pipeline_kwargs: dict = {}  # extra keywords of DiffusionPipeline.from_pretrained for sampling (dkto sample, eval)
 
     @classmethod
+    def network_config(cls, pretrained: str, revision: str | None = None) -> dict:
+        """The config of a located pipeline's UNet (its unet/config.json), without its weights."""
+        from diffusers import UNet2DConditionModel
+
+        return dict(UNet2DConditionModel.load_config(pretrained, subfolder="unet", revision=revision))
+
+    @classmethod
     def lora_source(cls, alpha: float, unet_config: dict) -> lora_formats.LoraSource:
         """What writing this family's LoRA file needs besides the weights (:func:`.lora_formats.write_lora`)."""
         return lora_formats.LoraSource(alpha=float(alpha), pipeline_class=cls.pipeline_class,
