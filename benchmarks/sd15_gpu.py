@@ -91,13 +91,17 @@ def main() -> int:
                                                  loss="kto_matched", rows=32, progress=log)}
     else:
         report = bench_step(replace(settings, official=(), adapters=tuple(args.adapters.split(","))), progress=log)
-    report.update(model="SD 1.5-shaped, random weights" + (" (tiny)" if args.tiny else ""),
-                  device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    write_report(report, "SD 1.5-shaped, random weights" + (" (tiny)" if args.tiny else ""), built, start, args.out)
+    return 0
+
+
+def write_report(report: dict, model: str, built: float, start: float, out: str) -> None:
+    """Add the model, device, torch version and times to a bench report; write it as JSON to ``out`` and print it."""
+    report.update(model=model, device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                   torch=torch.__version__, build_s=round(built, 1), seconds=round(time.perf_counter() - start, 1))
     text = json.dumps(report, indent=1)
-    Path(args.out).write_text(text + "\n")
+    Path(out).write_text(text + "\n")
     print(text)
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny import build_tiny_sd, write_feedback  # noqa: E402
+from tiny import build_tiny_sd, build_tiny_sdxl, write_feedback  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +23,12 @@ def tiny_sd(tmp_path_factory) -> Path:
 def tiny_sd_v(tmp_path_factory) -> Path:
     """A tiny v-prediction SD pipeline folder (SD 2.x style)."""
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd_v"), prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny epsilon-prediction SDXL pipeline folder."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
 
 
 @pytest.fixture

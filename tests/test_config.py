@@ -11,7 +11,8 @@ CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 def test_shipped_configs_exist():
     names = {p.name for p in CONFIGS}
-    assert {"sd15-kto-full.yaml", "sd15-kto-lora.yaml", "sd21-kto.yaml", "toy-kto.yaml"} <= names
+    assert {"sd15-kto-full.yaml", "sd15-kto-lora.yaml", "sd21-kto.yaml", "toy-kto.yaml", "sdxl-kto-lora.yaml",
+            "sdxl-kto-full.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

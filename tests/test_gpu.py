@@ -46,3 +46,27 @@ def test_fp16_export_loads_and_samples_on_cuda(tiny_sd, feedback, tmp_path, rank
     pipe = load_pipeline(str(tiny_sd), device="cuda", dtype=torch.float16, **adapter)
     images = pipe(["a red circle"], num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 16, 16, 3) and torch.isfinite(torch.as_tensor(images)).all()
+
+
+def test_sdxl_fp16_keeps_its_vae_in_fp32_and_draws_validation_images_on_cuda(tiny_sdxl, tmp_path):
+    """SDXL's VAE asks for fp32 (force_upcast): under fp16 it stays fp32 while the encoders run in fp16."""
+    from tiny import write_feedback
+
+    data = write_feedback(tmp_path / "d", sizes=[(24, 16), (16, 20)])
+    cfg = load_config(None, tiny_overrides(tiny_sdxl, data, tmp_path / "run", **{
+        "lora.rank": 4, "train.max_steps": 2, "train.mixed_precision": "fp16", "train.gradient_checkpointing": True,
+        "log.validation_every": 2, "log.validation_prompts": "[a red circle]", "log.validation_steps": 2}))
+    trainer = DiffusionKTOTrainer(cfg)
+    fam = trainer.family
+    assert fam.vae.dtype == torch.float32 and fam.text_encoder_2.dtype == torch.float16
+    assert trainer.train().steps == 2
+    assert (tmp_path / "run" / "validation" / "step-00000002.png").is_file()
+
+
+def test_eight_bit_adam_trains_sdxl_lora_on_cuda(tiny_sdxl, feedback, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    cfg = load_config(None, tiny_overrides(tiny_sdxl, feedback, tmp_path / "run", **{
+        "lora.rank": 4, "train.max_steps": 2, "train.mixed_precision": "bf16", "optim.use_8bit_adam": True}))
+    trainer = DiffusionKTOTrainer(cfg)
+    assert type(trainer.optimizer.optimizer).__name__ == "AdamW8bit"
+    assert trainer.train().steps == 2

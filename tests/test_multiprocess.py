@@ -100,6 +100,16 @@ def test_two_cpu_processes_match_one_process_with_double_batch(tiny_sd, feedback
                                       tmp_path)[:2])
 
 
+def test_sdxl_two_cpu_processes_match_one_process_with_double_batch(tiny_sdxl, tmp_path):
+    """The same on the tiny SDXL, with random crops of images of several sizes: each sample's time ids come with it."""
+    from tiny import write_feedback
+
+    data = write_feedback(tmp_path / "xl-data", sizes=[(24, 16), (16, 20), (16, 16), (40, 18)])
+    run = {**RUN, "data.center_crop": False}
+    _assert_same_lora(*_two_processes(["diffusion_kto.cli", "train", "--num-processes", "2"], tiny_sdxl, data,
+                                      tmp_path, run)[:2])
+
+
 @pytest.mark.slow
 def test_accelerate_launch_cpu_starts_two_gloo_processes(tiny_sd, feedback, tmp_path):
     launcher = ["accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m", "diffusion_kto.cli", "train"]

@@ -120,6 +120,16 @@ def test_bf16_mixed_precision_lora(tiny_sd, feedback, tmp_path):
     assert trainer.train().steps == 1
 
 
+@pytest.mark.parametrize("rank", [2, 0])
+def test_validation_images_under_bf16(tiny_sd, feedback, tmp_path, rank):
+    """A network prepared for mixed precision returns fp32 predictions; the bf16 VAE still decodes the latents."""
+    cfg = load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "run", **{
+        "lora.rank": rank, "train.max_steps": 1, "train.mixed_precision": "bf16", "log.validation_every": 1,
+        "log.validation_prompts": "[a red circle]", "log.validation_steps": 2}))
+    DiffusionKTOTrainer(cfg).train()
+    assert (tmp_path / "run" / "validation" / "step-00000001.png").is_file()
+
+
 def test_non_finite_steps_are_skipped_then_stop(tiny_sd, feedback, tmp_path, monkeypatch):
     from diffusion_kto import losses
 

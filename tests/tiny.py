@@ -1,4 +1,4 @@
-"""Tiny Stable Diffusion pipelines built from configs and tiny feedback datasets, all offline (imported by tests as `tiny`)."""
+"""Tiny Stable Diffusion (1.x-style and XL) pipelines built from configs and tiny feedback datasets, all offline (imported by tests as `tiny`)."""
 from __future__ import annotations
 
 import json
@@ -66,15 +66,59 @@ def build_tiny_sd(folder: Path, *, prediction_type: str = "epsilon") -> Path:
     return folder / "pipe"
 
 
-def write_feedback(folder: Path, n: int = 8, *, size: int = 16) -> Path:
-    """Solid-colour PNGs with prompts and alternating like/dislike labels, as JSONL with relative paths."""
+def build_tiny_sdxl(folder: Path, *, prediction_type: str = "epsilon") -> Path:
+    """Save a tiny StableDiffusionXLPipeline (random weights, 16x16 images) with save_pretrained: SDXL's layout in
+    miniature -- two CLIP text encoders (the second with a projection), a text_time UNet (DownBlock2D then
+    cross-attention, as SDXL starts; 1 layer per block where SDXL has 2, to keep tests fast: the naming of SDXL's own
+    layout is checked on its real config in test_export.py), an Euler scheduler as SDXL ships, and SDXL's latent scale."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    write_tiny_tokenizer(folder / "_tok")
+    tokenizer = CLIPTokenizer(str(folder / "_tok" / "vocab.json"), str(folder / "_tok" / "merges.txt"), model_max_length=8)
+    vocab = len(json.loads((folder / "_tok" / "vocab.json").read_text()))
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=vocab,
+                max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1), attention_head_dim=(2, 4), use_linear_projection=True,
+        cross_attention_dim=32, norm_num_groups=4, addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=6 * 4 + 16,  # 6 time ids x 4 + text_encoder_2's projection (16)
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        sample_size=16, scaling_factor=0.13025,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text))
+    torch.manual_seed(1)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=16))
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=100, prediction_type=prediction_type,
+                                       beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+        unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+    pipe.save_pretrained(folder / "pipe", safe_serialization=True)
+    return folder / "pipe"
+
+
+def write_feedback(folder: Path, n: int = 8, *, size: int = 16, sizes: list[tuple[int, int]] | None = None) -> Path:
+    """Solid-colour PNGs with prompts and alternating like/dislike labels, as JSONL with relative paths; image i is
+    size x size, or sizes[i % len(sizes)] (width, height)."""
     folder.mkdir(parents=True, exist_ok=True)
     colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
     rng = np.random.default_rng(0)
     lines = []
     for i in range(n):
         name = list(colours)[i % 3]
-        arr = np.clip(np.array(colours[name]) + rng.normal(0, 10, (size, size, 3)), 0, 255).astype(np.uint8)
+        width, height = sizes[i % len(sizes)] if sizes else (size, size)
+        arr = np.clip(np.array(colours[name]) + rng.normal(0, 10, (height, width, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(arr).save(folder / f"img{i}.png")
         shape = "circle" if i % 2 else "square"
         lines.append(json.dumps({"image": f"img{i}.png", "prompt": f"a {name} {shape}", "label": i % 2 == 0}))

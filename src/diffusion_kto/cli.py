@@ -78,6 +78,7 @@ def _add_sample(sub) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--lora", help="folder holding pytorch_lora_weights.safetensors")
     group.add_argument("--unet", help="folder holding a diffusers UNet (or a run folder with unet/)")
+    p.add_argument("--vae", default=None, help="a separate VAE (folder or hub id), e.g. an fp16-safe SDXL VAE")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
@@ -86,6 +87,28 @@ def _add_sample(sub) -> None:
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.set_defaults(func=_run_sample)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a run's or a checkpoint's LoRA as one file with diffusers or kohya keys (ComfyUI, A1111, Forge)",
+        description="Example: dkto export runs/fox --format kohya --out fox-kohya.safetensors   (RUN_DIR: a run folder "
+                    "or one of its checkpoints/checkpoint-N folders; see docs/models.md for which tools load which)",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a dkto train output_dir, or a checkpoint folder in it")
+    p.add_argument("--format", required=True, choices=("diffusers", "kohya"),
+                   help="diffusers: pipe.load_lora_weights; kohya: lora_unet_* keys for ComfyUI, A1111 / Forge, kohya")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write (must not exist)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    from .apps.export import READERS, export_lora
+
+    path = export_lora(args.run_dir, args.format, args.out)
+    print(f"wrote {path} ({args.format} keys; loads in {READERS[args.format]})")
+    return 0
 
 
 def _add_toy(sub) -> None:
@@ -173,7 +196,7 @@ def _run_sample(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"dkto sample: output folder {out} exists and is not empty; choose another --out")
-    pipe = load_pipeline(args.model, lora=args.lora, unet=args.unet)
+    pipe = load_pipeline(args.model, lora=args.lora, unet=args.unet, vae=args.vae)
     prompts = [p for p in args.prompt for _ in range(args.num)]
     seeds = [args.seed + i for _ in args.prompt for i in range(args.num)]
     images = generate(pipe, prompts, seeds, steps=args.steps, guidance=args.guidance,
@@ -334,6 +357,8 @@ def _add_bench(sub) -> None:
     step.add_argument("--batch-size", type=int, default=4)
     step.add_argument("--resolution", type=int, default=None, help="default: the VAE's sample_size")
     step.add_argument("--adapters", default="lora,full", help="comma-separated: lora, full")
+    step.add_argument("--losses", default="sft,kto_matched,kto_mismatched,kto_amortized",
+                      help="comma-separated, sft included: sft, kto_matched, kto_mismatched, kto_amortized, dpo")
     step.add_argument("--lora-rank", type=int, default=4)
     step.add_argument("--steps", type=int, default=20, help="timed steps per run (after warm-up)")
     step.add_argument("--warmup", type=int, default=3)
@@ -403,7 +428,7 @@ def _run_bench_step(args) -> int:
 
     settings = BenchSettings(
         model=args.model, batch_size=args.batch_size, resolution=args.resolution,
-        adapters=_names(args.adapters), lora_rank=args.lora_rank,
+        adapters=_names(args.adapters), losses=_names(args.losses), lora_rank=args.lora_rank,
         steps=args.steps, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
         mixed_precision=args.mixed_precision, overrides=tuple(args.overrides), end_to_end=args.end_to_end,
         official=_names(args.official),
@@ -421,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The `dkto` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="dkto", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_cache, _add_check_config, _add_sample, _add_demo, _add_toy, _add_convert, _add_eval, _add_bench):
+    for add in (_add_train, _add_cache, _add_check_config, _add_sample, _add_export, _add_demo, _add_toy, _add_convert,
+                _add_eval, _add_bench):
         add(sub)
     return parser
 

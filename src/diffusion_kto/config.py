@@ -46,6 +46,9 @@ class ModelConfig:
     variant: str | None = None  # e.g. "fp16" weights on the hub
     # weights load from safetensors only; true also loads pickled .bin files (unpickling can run code: trust them)
     allow_pickle: bool = False
+    # a separate VAE (folder or hub id of a diffusers AutoencoderKL) instead of the pipeline's own, e.g. an fp16-safe
+    # SDXL VAE; None = the pipeline's vae/
+    vae: str | None = None
 
 
 @dataclass
@@ -263,6 +266,8 @@ def _validate_cross_fields(cfg: Config) -> None:
     """Rules that involve more than one field."""
     if cfg.train.resume not in (None, "latest") and not _exists(cfg.train.resume):
         raise ConfigError(f"train.resume: {cfg.train.resume!r} is neither 'latest' nor an existing checkpoint folder")
+    if cfg.model.vae is not None and not cfg.model.vae.strip():
+        raise ConfigError("model.vae: empty; give a folder or hub id of a diffusers AutoencoderKL, or leave it unset")
     if cfg.data.streaming and cfg.data.cache:
         raise ConfigError("data.cache: a cache is keyed by the rows of a feedback dataset loaded up front, which "
                           "data.streaming=true never loads; drop one of the two")

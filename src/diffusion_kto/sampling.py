@@ -23,23 +23,27 @@ def dtype_kwarg(dtype: torch.dtype, diffusers_version: str | None = None) -> dic
 
 
 def load_pipeline(model: str, *, lora: str | None = None, unet: str | None = None, device: str | None = None,
-                  dtype: torch.dtype = torch.float32, allow_pickle: bool = False, key: str = "--model"):
-    """A diffusers pipeline from a hub id / folder (``toy`` = shipped model), with a LoRA dir or a UNet dir on top.
+                  dtype: torch.dtype = torch.float32, allow_pickle: bool = False, key: str = "--model",
+                  vae: str | None = None):
+    """A diffusers pipeline from a hub id / folder (``toy`` = shipped model), with a LoRA dir or a UNet dir on top,
+    and optionally a separate VAE (``vae``: folder or hub id, e.g. an fp16-safe SDXL VAE).
 
-    Safetensors weights only unless ``allow_pickle``; a missing or unreachable model, LoRA or UNet is one ConfigError
-    naming ``key`` (the flag or config key the name came from)."""
-    from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+    Safetensors weights only unless ``allow_pickle``; a missing or unreachable model, LoRA, UNet or VAE is one
+    ConfigError naming ``key`` (the flag or config key the name came from; ``--vae`` for the VAE)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 
-    from .models import resolve_pretrained
+    from .models import family_of, resolve_pretrained
     from .models.loading import loading_error, locate, quiet_processor_fallback, weight_kwargs
 
     if lora and unet:
         raise ValueError("give either a LoRA dir or a UNet dir, not both")
     path = locate(resolve_pretrained(model), key)
-    kwargs = {**dtype_kwarg(dtype), **weight_kwargs(allow_pickle), "safety_checker": None,
-              "requires_safety_checker": False}
+    kwargs = {**dtype_kwarg(dtype), **weight_kwargs(allow_pickle), **family_of(path, key=key).pipeline_kwargs}
+    vae_path = None if vae is None else locate(vae, "--vae", marker="config.json")
     try:
         with quiet_processor_fallback():
+            if vae_path:
+                kwargs["vae"] = AutoencoderKL.from_pretrained(vae_path, **dtype_kwarg(dtype), **weight_kwargs(allow_pickle))
             if unet:
                 kwargs["unet"] = UNet2DConditionModel.from_pretrained(_unet_dir(unet), **dtype_kwarg(dtype),
                                                                       **weight_kwargs(allow_pickle))

@@ -24,6 +24,17 @@ def test_worker_times_real_trainer_steps(tiny_sd, tmp_path):
     assert out["skipped_steps"] == 0
 
 
+@pytest.mark.parametrize("loss", ["kto_mismatched", "dpo"])
+def test_worker_times_sdxl_steps_and_dpo_counts_pairs(tiny_sdxl, tmp_path, loss):
+    """bench step runs on SDXL too; a DPO mode takes half as many pairs as the others take images."""
+    data = bench.write_feedback(tmp_path / "data", 16, n=6)
+    s = bench.BenchSettings(model=str(tiny_sdxl), batch_size=4, losses=("sft", loss))
+    overrides = bench.mode_overrides(s, "lora", loss, data, tmp_path / "o", 16)
+    assert load_config(None, overrides).train.batch_size == (2 if loss == "dpo" else 4)
+    out = bench.run_worker(overrides, 1, 2, threads=1)
+    assert len(out["step_ms"]) == 2 and out["skipped_steps"] == 0 and out["trainable_params"] > 0
+
+
 def _mode(ms, peak, train=10.0):
     return {"step_ms_median": ms, "peak_mb": peak, "train_mb": train}
 
@@ -32,7 +43,8 @@ def test_ratios_and_targets():
     results = {"lora": {"sft": _mode(100, 50), "kto_matched": _mode(130, 52), "kto_mismatched": _mode(210, 60)}}
     rat = bench.ratios(results)
     assert rat["lora"]["kto_matched"] == {"time": 1.3, "peak_mem": 1.04, "train_mem": 1.0}
-    checks = bench.check_targets(rat)
+    checks = bench.check_targets(bench.ratios({"lora": {**results["lora"], "dpo": _mode(120, 70)}}))
+    assert "lora.peak_mem.dpo" not in checks  # the targets are KTO's; DPO is reported beside them
     assert checks["lora.time.kto_matched"]["met"] and not checks["lora.time.kto_mismatched"]["met"]
     assert checks["lora.peak_mem.kto_matched"]["met"] and not checks["lora.peak_mem.kto_mismatched"]["met"]
 
@@ -114,6 +126,8 @@ def test_bad_settings_are_config_errors():
         bench.bench_step(bench.BenchSettings(model="x", official=("qlora",)))
     with pytest.raises(ConfigError, match="steps"):
         bench.bench_step(bench.BenchSettings(model="x", steps=0))
+    with pytest.raises(ConfigError, match="include sft"):
+        bench.bench_step(bench.BenchSettings(model="x", losses=("kto_matched", "dpo")))
 
 
 @pytest.mark.slow

@@ -49,7 +49,9 @@ LOSSES = {
     "kto_mismatched": {"loss.name": "kto", "loss.reference_point": "mismatched"},
     "kto_amortized": {"loss.name": "kto", "loss.reference_point": "mismatched", "loss.reference_every": 4,
                       "loss.reference_decay": 0.75},
+    "dpo": {"loss.name": "dpo"},  # pairs: half as many pairs per step as the others have images (same images)
 }
+DEFAULT_LOSSES = ("sft", "kto_matched", "kto_mismatched", "kto_amortized")  # what --losses runs unless told
 AMORTIZED_EVERY = LOSSES["kto_amortized"]["loss.reference_every"]
 # the targets the project holds itself to (time ratios to SFT; LoRA KTO peak memory relative to LoRA SFT)
 TARGETS = {"time.kto_matched": 1.38, "time.kto_mismatched": 2.05, "time.kto_amortized": 1.5,
@@ -77,6 +79,7 @@ class BenchSettings:
     overrides: tuple[str, ...] = field(default_factory=tuple)
     end_to_end: bool = False  # also time whole `dkto train` runs without and with data.cache
     official: tuple[str, ...] = ("full",)  # end to end: adapters on which the official step design is timed beside ours
+    losses: tuple[str, ...] = DEFAULT_LOSSES  # the losses compared (names of LOSSES; sft is the baseline of the ratios)
 
 
 def _rss_mb() -> float:
@@ -141,11 +144,19 @@ def mode_overrides(s: BenchSettings, adapter: str, loss: str, data: Path, out: P
     values = {
         "model.pretrained": s.model, "data.path": str(data), "data.resolution": resolution,
         "data.caption_dropout": 0.0, "data.random_flip": False, "train.output_dir": str(out),
-        "train.batch_size": s.batch_size, "train.max_steps": s.warmup + s.steps, "train.checkpoint_every": 0,
+        "train.batch_size": _batch_size(s.batch_size, loss), "train.max_steps": s.warmup + s.steps,
+        "train.checkpoint_every": 0,
         "train.mixed_precision": s.mixed_precision, "train.seed": s.seed, "optim.warmup_steps": 0,
         "optim.lr": 1e-5, "lora.rank": s.lora_rank if adapter == "lora" else 0, **LOSSES[loss],
     }
     return [f"{k}={_yaml_scalar(v)}" for k, v in values.items()] + list(s.overrides)
+
+
+def _batch_size(images: int, loss: str) -> int:
+    """train.batch_size of a mode: ``images`` per step (a paired objective's batch counts pairs of two images)."""
+    from ..objectives import objective_class
+
+    return max(1, images // 2) if objective_class(LOSSES[loss]["loss.name"]).paired else images
 
 
 def _yaml_scalar(value) -> str:
@@ -285,11 +296,13 @@ def check_targets(rat: dict) -> dict:
     """Each target with the measured ratio and whether it is met (per adapter for the time targets)."""
     checks = {}
     for adapter, modes in rat.items():
-        for loss in ("kto_matched", "kto_mismatched", "kto_amortized"):
+        for loss in ("kto_matched", "kto_mismatched", "kto_amortized"):  # the targets are KTO's
             if loss in modes:
                 value, limit = modes[loss]["time"], TARGETS[f"time.{loss}"]
                 checks[f"{adapter}.time.{loss}"] = {"ratio": value, "limit": limit, "met": value <= limit}
     for loss, m in rat.get("lora", {}).items():
+        if not loss.startswith("kto"):
+            continue
         value, limit = m["peak_mem"], TARGETS["lora_peak_mem.kto"]
         checks[f"lora.peak_mem.{loss}"] = {"ratio": value, "limit": limit, "met": value <= limit}
     return checks
@@ -302,6 +315,9 @@ def _check_settings(s: BenchSettings) -> None:
     if s.steps < AMORTIZED_EVERY or s.warmup < 0 or s.repeats < 1 or s.memory_steps < 1:
         raise ConfigError(f"bench step needs steps >= {AMORTIZED_EVERY} (kto_amortized estimates Q_ref on one step "
                           f"in {AMORTIZED_EVERY}), warmup >= 0, repeats >= 1 and memory_steps >= 1")
+    if "sft" not in s.losses or set(s.losses) - set(LOSSES):
+        raise ConfigError(f"bench step: losses must be among {', '.join(LOSSES)} and include sft (the baseline), "
+                          f"got {', '.join(s.losses) or 'none'}")
     if not s.adapters or set(s.adapters) - {"lora", "full"} or set(s.official) - {"lora", "full"}:
         raise ConfigError(f"bench step: adapters must be lora and/or full, got {', '.join(s.adapters) or 'none'} "
                           f"(official: {', '.join(s.official) or 'none'})")
@@ -316,7 +332,7 @@ def bench_step(s: BenchSettings, progress=None) -> dict:
 
     _check_settings(s)
     resolution = s.resolution or native_resolution(s.model)
-    modes = [(adapter, loss) for adapter in s.adapters for loss in LOSSES]
+    modes = [(adapter, loss) for adapter in s.adapters for loss in s.losses]
     timed: dict[tuple[str, str], list[dict]] = {m: [] for m in modes}
     memory: dict[tuple[str, str], dict] = {}
     with tempfile.TemporaryDirectory(prefix="dkto-bench-") as tmp:
@@ -335,7 +351,7 @@ def bench_step(s: BenchSettings, progress=None) -> dict:
         for adapter, loss in modes:
             memory[(adapter, loss)] = run(adapter, loss, "memory", s.memory_steps, True)
     every = {loss: o.get("loss.reference_every", 1) for loss, o in LOSSES.items()}
-    results = {a: {loss: _summary(timed[(a, loss)], memory[(a, loss)], every[loss], s.warmup) for loss in LOSSES}
+    results = {a: {loss: _summary(timed[(a, loss)], memory[(a, loss)], every[loss], s.warmup) for loss in s.losses}
                for a in s.adapters}
     rat = ratios(results)
     first = memory[modes[0]]

@@ -3,7 +3,9 @@
 Layout of a cache folder::
 
     manifest.json              format, key (resolution, crop, flips, model id + fingerprints), image and prompt index
-    latents-00000.safetensors  "mean", "std": (N, V, C, h, w) float32, V = 1 (unflipped) or 2 (unflipped, flipped)
+    latents-00000.safetensors  "mean", "std": (N, V, C, h, w) float32, V = 1 (unflipped) or 2 (unflipped, flipped);
+                               "original_size": (N, 2) and "crop": (N, V, 4) int64, the geometry of each image and
+                               variant (:func:`~.transforms.crop_geometry`, SDXL's size and crop conditioning)
     text-00000.safetensors     the family's text conditioning, one tensor per field (SD: "hidden_states": (M, L, D)),
                                float32, one row per distinct prompt ("" included)
 
@@ -27,9 +29,9 @@ import torch
 
 from .feedback import load_image
 from .rows import FeedbackError, FeedbackRow
-from .transforms import DrawChoices, transform_image
+from .transforms import DrawChoices, crop_geometry, transform_image
 
-FORMAT = 2  # 2: text shards hold the family's conditioning fields by name (1 held one "embeds" tensor)
+FORMAT = 3  # 3: latent shards hold each image's geometry; 2: text shards hold the conditioning's fields by name
 MANIFEST = "manifest.json"
 
 
@@ -90,14 +92,19 @@ def write_cache(
     images: dict[str, list] = {}
     shards: list[str] = []
     for s, chunk in enumerate(_chunks(list(unique.items()), shard_size)):
-        means, stds = [], []
+        means, stds, sizes, crops = [], [], [], []
         for batch in _chunks(chunk, batch_size):
-            pixels = torch.stack([_pixels(row, key, flip) for _, row in batch for flip in key.flips])
-            mean, std = moments(pixels)  # (n V, C, h, w)
+            variants = [_pixels(row, key, flip) for _, row in batch for flip in key.flips]
+            mean, std = moments(torch.stack([pixels for pixels, _ in variants]))  # (n V, C, h, w)
             means.append(mean.float().cpu().unflatten(0, (len(batch), len(key.flips))))
             stds.append(std.float().cpu().unflatten(0, (len(batch), len(key.flips))))
+            sizes += [geometry["original_size"] for _, geometry in variants[::len(key.flips)]]
+            crops += [geometry["crop"] for _, geometry in variants]
         name = f"latents-{s:05d}.safetensors"
-        save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}, str(out / name))
+        save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
+                   "original_size": torch.tensor(sizes, dtype=torch.long),
+                   "crop": torch.tensor(crops, dtype=torch.long).unflatten(0, (len(chunk), len(key.flips)))},
+                  str(out / name))
         shards.append(name)
         images.update({h: [s, i] for i, (h, _) in enumerate(chunk)})
         if progress:
@@ -126,10 +133,13 @@ def _write_text(out: Path, prompts: list[str], text, shard_size: int, batch_size
     return index, shards
 
 
-def _pixels(row: FeedbackRow, key: CacheKey, flip: bool) -> torch.Tensor:
-    """The centre-cropped (3, R, R) image of a row, mirrored when ``flip`` (the trainer's own transform)."""
+def _pixels(row: FeedbackRow, key: CacheKey, flip: bool) -> tuple[torch.Tensor, dict]:
+    """The centre-cropped (3, R, R) image of a row, mirrored when ``flip`` (the trainer's own transform), and the
+    geometry of that crop."""
     choices = DrawChoices(crop_x=0.5, crop_y=0.5, flip=flip, drop_caption=False)
-    return transform_image(load_image(row), key.resolution, choices, center_crop=True, random_flip=True)
+    image = load_image(row)
+    return (transform_image(image, key.resolution, choices, center_crop=True, random_flip=True),
+            crop_geometry(image.size, key.resolution, choices, center_crop=True, random_flip=True))
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
@@ -205,6 +215,17 @@ class LatentCache:
         variant = self.key.flips.index(bool(flip))
         handle = self._open(self.latent_shards[shard])
         return handle.get_slice("mean")[i:i + 1][0, variant], handle.get_slice("std")[i:i + 1][0, variant]
+
+    def item(self, key: str, flip: bool) -> dict:
+        """A training item's image part from the cache: "latent_mean", "latent_std" (C, h, w) and the geometry of the
+        crop, "original_size" (h, w) and "crop" (top, left, h, w), of one image and flip variant."""
+        mean, std = self.latents(key, flip)
+        shard, i = self.images[key]
+        handle = self._open(self.latent_shards[shard])
+        crop = handle.get_slice("crop")[i:i + 1][0, self.key.flips.index(bool(flip))]
+        size = handle.get_slice("original_size")[i:i + 1][0]
+        return {"latent_mean": mean, "latent_std": std, "original_size": tuple(size.tolist()),
+                "crop": tuple(crop.tolist())}
 
     def text(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Cached text conditioning of ``prompts``, field by field: each (B, ...) float32."""

@@ -15,7 +15,7 @@ import torch.utils.data
 
 from .feedback import load_image
 from .rows import FeedbackRow
-from .transforms import draw_choices, transform_caption, transform_image
+from .transforms import crop_geometry, draw_choices, transform_caption, transform_image
 
 
 @dataclass(frozen=True)
@@ -36,16 +36,18 @@ class ItemTransform:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
 
     def __call__(self, row: FeedbackRow, index: int, draw_id: int,
-                 latents: Callable[[bool], tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
-        """{"pixel_values": (3,R,R), "prompt", "desirable", "row": index, "draw_id"} for one draw of `row`; with
-        `latents` (flip -> cached VAE posterior), {"latent_mean", "latent_std"}: (C,h,w) each instead of pixels."""
+                 cached: Callable[[bool], dict] | None = None) -> dict:
+        """{"pixel_values": (3,R,R), "original_size": (h, w), "crop": (top, left, h, w), "prompt", "desirable",
+        "row": index, "draw_id"} for one draw of `row`; with `cached` (flip -> the cache's entry of that variant),
+        {"latent_mean", "latent_std"}: (C,h,w) each instead of pixels, and the cached geometry."""
         choices = draw_choices(self.seed, draw_id, self.caption_dropout)
-        if latents is not None:
-            mean, std = latents(self.random_flip and choices.flip)
-            image = {"latent_mean": mean, "latent_std": std}
+        if cached is not None:
+            image = cached(self.random_flip and choices.flip)
         else:
-            image = {"pixel_values": transform_image(load_image(row), int(self.resolution), choices,
-                                                     center_crop=self.center_crop, random_flip=self.random_flip)}
+            pil = load_image(row)
+            flags = {"center_crop": self.center_crop, "random_flip": self.random_flip}
+            image = {"pixel_values": transform_image(pil, int(self.resolution), choices, **flags),
+                     **crop_geometry(pil.size, int(self.resolution), choices, **flags)}
         return {
             **image,
             "prompt": transform_caption(row.prompt, choices),
@@ -77,8 +79,8 @@ class FeedbackDataset(torch.utils.data.Dataset):
         index, draw_id = _split_key(key)
         if not 0 <= index < len(self.rows):
             raise IndexError(f"row index {index} out of range for {len(self.rows)} feedback rows")
-        latents = None if self.cache is None else partial(self.cache.latents, self.keys[index])
-        return self.transform(self.rows[index], index, draw_id, latents)
+        cached = None if self.cache is None else partial(self.cache.item, self.keys[index])
+        return self.transform(self.rows[index], index, draw_id, cached)
 
 
 def _split_key(key: tuple[int, int] | int) -> tuple[int, int]:
@@ -104,6 +106,8 @@ class Batch:
     pixels: torch.Tensor | None = None  # (B, 3, R, R) in [-1, 1]
     latent_mean: torch.Tensor | None = None  # (B, C, h, w) of the cached VAE posterior
     latent_std: torch.Tensor | None = None  # (B, C, h, w)
+    original_size: torch.Tensor | None = None  # (B, 2) int64: (height, width) of each image as read
+    crop: torch.Tensor | None = None  # (B, 4) int64: (top, left, height, width) of its crop in the resized image
     stream: tuple[int, ...] | None = None  # data.streaming: (reader, readers, epoch, shard, row) after this batch
 
     def __len__(self) -> int:
@@ -122,7 +126,7 @@ class Batch:
 
 def collate(batch: Sequence[dict]) -> Batch:
     """Stack items into a :class:`Batch`: pixels (B,3,R,R) or the cached latent mean / std (B,C,h,w), prompts,
-    desirable (B,) bool, rows and draw ids (B,) int64."""
+    desirable (B,) bool, rows and draw ids (B,) int64, the crops' geometry (B,2) and (B,4) int64 when recorded."""
     if not batch:
         raise ValueError("cannot collate an empty batch")
     images = {k: torch.stack([item[k] for item in batch]) for k in ("pixel_values", "latent_mean", "latent_std")
@@ -133,4 +137,6 @@ def collate(batch: Sequence[dict]) -> Batch:
         rows=torch.tensor([int(item["row"]) for item in batch], dtype=torch.long),
         draw_ids=torch.tensor([int(item.get("draw_id", 0)) for item in batch], dtype=torch.long),
         pixels=images.get("pixel_values"), latent_mean=images.get("latent_mean"), latent_std=images.get("latent_std"),
+        **{k: torch.tensor([list(item[k]) for item in batch], dtype=torch.long) for k in ("original_size", "crop")
+           if all(k in item for item in batch)},
     )

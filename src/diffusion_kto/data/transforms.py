@@ -1,4 +1,5 @@
-"""Image and caption transforms: resize the shorter side, square crop, horizontal flip, caption dropout.
+"""Image and caption transforms: resize the shorter side, square crop, horizontal flip, caption dropout; the crop's
+geometry (original size, crop box), which SDXL conditions on.
 
 Every random decision of one draw comes from a generator seeded by (seed, draw_id), so a draw looks the same in
 any DataLoader worker, in any process, and after a resume. The decisions are drawn in a fixed order whatever the
@@ -34,28 +35,52 @@ def draw_choices(seed: int, draw_id: int, caption_dropout: float) -> DrawChoices
     )
 
 
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """(width, height) after scaling the shorter side to `resolution`, keeping the aspect ratio."""
+    if min(width, height) == resolution:
+        return width, height
+    scale = resolution / min(width, height)
+    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+
+
 def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
     """Scale so the shorter side is `resolution` (Lanczos down, bicubic up), keeping the aspect ratio."""
-    width, height = image.size
-    if min(width, height) == resolution:
+    size = resized_size(*image.size, resolution)
+    if size == image.size:
         return image
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    method = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
+    method = Image.Resampling.LANCZOS if resolution < min(image.size) else Image.Resampling.BICUBIC
     return image.resize(size, method)
+
+
+def crop_offsets(width: int, height: int, resolution: int, *, center: bool, crop_x: float = 0.5,
+                 crop_y: float = 0.5) -> tuple[int, int]:
+    """(left, top) of a resolution × resolution crop of a width × height image: centred, or at crop_x, crop_y in
+    [0, 1)."""
+    if center:
+        return (width - resolution) // 2, (height - resolution) // 2
+    return (min(int(crop_x * (width - resolution + 1)), width - resolution),
+            min(int(crop_y * (height - resolution + 1)), height - resolution))
 
 
 def crop_square(
     image: Image.Image, resolution: int, *, center: bool, crop_x: float = 0.5, crop_y: float = 0.5
 ) -> Image.Image:
     """A resolution × resolution crop: centred, or at the offset given by crop_x, crop_y in [0, 1)."""
-    width, height = image.size
-    if center:
-        left, top = (width - resolution) // 2, (height - resolution) // 2
-    else:
-        left = min(int(crop_x * (width - resolution + 1)), width - resolution)
-        top = min(int(crop_y * (height - resolution + 1)), height - resolution)
+    left, top = crop_offsets(*image.size, resolution, center=center, crop_x=crop_x, crop_y=crop_y)
     return image.crop((left, top, left + resolution, top + resolution))
+
+
+def crop_geometry(size: tuple[int, int], resolution: int, choices: DrawChoices, *, center_crop: bool,
+                  random_flip: bool) -> dict[str, tuple[int, ...]]:
+    """What :func:`transform_image` does to an image of ``size`` (width, height): {"original_size": (height, width)
+    as read, "crop": (top, left, height, width) of the crop in the resized image} -- SDXL's micro-conditioning
+    (original size, crop top-left, target size). A flipped draw is a crop of the mirrored image: left mirrored."""
+    width, height = resized_size(*size, resolution)
+    left, top = crop_offsets(width, height, resolution, center=center_crop, crop_x=choices.crop_x,
+                             crop_y=choices.crop_y)
+    if random_flip and choices.flip:
+        left = width - left - resolution
+    return {"original_size": (size[1], size[0]), "crop": (top, left, resolution, resolution)}
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -11,13 +11,15 @@ from .. import registry
 from ..config import ConfigError
 from .base import DiffusionFamily, unwrap
 from .loading import is_hub_id, loading_error, locate
+from .sdxl import StableDiffusionXL
 from .stable_diffusion import StableDiffusion
 
-__all__ = ["DiffusionFamily", "FAMILIES", "StableDiffusion", "component_fingerprint", "family_of", "load_family",
-           "resolve_pretrained", "unwrap"]
+__all__ = ["DiffusionFamily", "FAMILIES", "StableDiffusion", "StableDiffusionXL", "component_fingerprint", "family_of",
+           "load_family", "resolve_pretrained", "unwrap", "vae_fingerprint"]
 
 # pipeline class -> family
-FAMILIES: dict[str, type] = {"StableDiffusionPipeline": StableDiffusion}
+FAMILIES: dict[str, type] = {"StableDiffusionPipeline": StableDiffusion,
+                             "StableDiffusionXLPipeline": StableDiffusionXL}
 
 
 def resolve_pretrained(name: str) -> str:
@@ -52,8 +54,6 @@ def component_fingerprint(pretrained: str, revision: str | None, component: str)
 
     What a cache of that component's outputs is keyed by: new weights, config or variant files change it. Hub ids
     are resolved to their local snapshot (downloading the folder when it is not there and the hub is reachable)."""
-    import hashlib
-
     root = Path(resolve_pretrained(pretrained))
     if not (root / component).is_dir():
         from huggingface_hub import snapshot_download
@@ -64,10 +64,34 @@ def component_fingerprint(pretrained: str, revision: str | None, component: str)
         except Exception as err:
             raise ConfigError(f"model.pretrained: the {component} folder of {pretrained!r} cannot be had "
                               f"({type(err).__name__}); check the network and HF_HUB_OFFLINE") from None
-    folder = root / component
+    return _folder_fingerprint(root / component, f"is {pretrained!r} a diffusers pipeline?")
+
+
+def vae_fingerprint(model) -> str:
+    """The fingerprint of the VAE a :class:`~diffusion_kto.config.ModelConfig` uses: model.vae's files (a folder, or a
+    hub id's local snapshot), else the pipeline's ``vae`` folder."""
+    if model.vae is None:
+        return component_fingerprint(model.pretrained, model.revision, "vae")
+    located = locate(model.vae, "model.vae", marker="config.json")
+    if is_hub_id(located):
+        from huggingface_hub import snapshot_download
+
+        try:
+            # the files AutoencoderKL.from_pretrained reads, from the local cache or fetched when the hub is reachable
+            located = snapshot_download(located, allow_patterns=["config.json", "diffusion_pytorch_model*.safetensors"])
+        except Exception as err:
+            raise ConfigError(f"model.vae: the files of {model.vae!r} cannot be had ({type(err).__name__}); check "
+                              "the network and HF_HUB_OFFLINE") from None
+    return _folder_fingerprint(Path(located), "is model.vae a diffusers AutoencoderKL folder?")
+
+
+def _folder_fingerprint(folder: Path, hint: str) -> str:
+    """sha256 over the relative names and bytes of every file under ``folder``."""
+    import hashlib
+
     files = sorted(f for f in folder.rglob("*") if f.is_file())
     if not files:
-        raise FileNotFoundError(f"{folder}: no files to fingerprint (is {pretrained!r} a diffusers pipeline?)")
+        raise FileNotFoundError(f"{folder}: no files to fingerprint ({hint})")
     digest = hashlib.sha256()
     for f in files:
         digest.update(str(f.relative_to(folder)).encode() + b"\0")
@@ -84,9 +108,11 @@ def load_family(cfg, *, weight_dtype: torch.dtype, device: torch.device | str, w
     m = cfg.model
     pretrained = locate(resolve_pretrained(m.pretrained), "model.pretrained", revision=m.revision)
     family = family_of(pretrained, m.revision)
+    vae = {} if m.vae is None else {"vae": locate(m.vae, "model.vae", marker="config.json")}  # a separate VAE
     try:
         return family.from_pretrained(
             pretrained, revision=m.revision, variant=m.variant, allow_pickle=m.allow_pickle, components=components,
+            **vae,
             lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
             lora_target_modules=tuple(cfg.lora.target_modules), weight_dtype=weight_dtype, device=device,
             gradient_checkpointing=cfg.train.gradient_checkpointing, with_reference=with_reference,

@@ -14,6 +14,10 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.opti
     kwargs = dict(lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon, weight_decay=o.weight_decay)
     if not o.use_8bit_adam:
         return torch.optim.AdamW(params, **kwargs)
+    devices = sorted({p.device.type for p in params})
+    if devices != ["cuda"]:
+        raise ConfigError(f"optim.use_8bit_adam=true: bitsandbytes' 8-bit AdamW runs on CUDA GPUs, and this run's "
+                          f"weights are on {', '.join(devices)}; set optim.use_8bit_adam=false")
     try:
         import bitsandbytes as bnb
     except ImportError:
