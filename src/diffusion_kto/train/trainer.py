@@ -28,7 +28,7 @@ from ..models.base import Conditioning
 from ..objectives import build_objective
 from . import checkpoint
 from .distributed import fsdp, require_same_optimizer_layout, setup_accelerator, zero
-from .guards import StepGuard
+from .guards import StepGuard, window_problem
 from .inputs import DTYPES, load_feedback, open_stream, write_data_report
 from .metrics import MetricsFile, TrainResult, flat_config, postfix, reduce_window, require_tracker, write_summary
 from .optim import build_lr_scheduler, build_optimizer
@@ -98,6 +98,7 @@ class DiffusionKTOTrainer:
         self.global_step = 0  # optimizer steps taken
         self.micro_step = 0  # micro-batches seen: the clock of the objective's plan (loss.reference_every)
         self.guard = StepGuard()
+        self.window_bad: list[int] = []  # micro-steps (1-based) of the current accumulation window that were non-finite
         self.stream = StreamPosition()
         self._stream_resume: dict | None = None
         self.metrics_file = MetricsFile(self.out / "metrics.jsonl", enabled=self.accelerator.is_main_process)
@@ -210,8 +211,14 @@ class DiffusionKTOTrainer:
         loss = out.losses.mean()
         metrics = {**out.metrics, "policy_err": errors.policy.detach().mean().item()}
         finite = acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum").item() == acc.num_processes
-        if finite:
+        if not finite:  # the whole accumulation window will be skipped (optimizer_step)
+            self.window_bad.append(self.micro_step % self.cfg.train.grad_accum + 1)
+        if not self.window_bad:
             acc.backward(loss)
+        elif acc.sync_gradients and not self.deepspeed:
+            # a gradient-synchronising forward must be followed by a backward (DDP's reducer and FSDP's hooks wait for
+            # it); its gradients are dropped with the window's. DeepSpeed gets a NaN one at the boundary instead.
+            acc.backward(loss * 0.0)
         metrics["loss"] = loss.detach().item()
         metrics["finite"] = float(finite)
         self.micro_step += 1
@@ -230,22 +237,24 @@ class DiffusionKTOTrainer:
         return result
 
     def optimizer_step(self, result: StepOutput) -> bool:
-        """Clip, step and zero the optimizer at accumulation boundaries (after a backward); skip non-finite steps
-        (counted). Returns True when an optimizer step was taken."""
+        """Clip, step and zero the optimizer at accumulation boundaries (after a backward). A window with a non-finite
+        micro-step, or a non-finite gradient norm (checked with clipping off too), is skipped whole and counted.
+        Returns True when an optimizer step was taken."""
         acc = self.accelerator
-        bad = not result.metrics["finite"]
         if not acc.sync_gradients:
             return False
+        bad, self.window_bad = self.window_bad, []
+        why = window_problem(bad, self.cfg.train.grad_accum)
         if self.deepspeed:
-            return self._deepspeed_step(result)
-        if self.cfg.optim.max_grad_norm > 0 and not bad:
-            norm = acc.clip_grad_norm_(self.family.trainable_parameters(), self.cfg.optim.max_grad_norm)
+            return self._deepspeed_step(result, why)
+        if not bad:  # max_grad_norm 0: clip at infinity, which still computes the norm (and unscales under fp16)
+            norm = acc.clip_grad_norm_(self.family.trainable_parameters(), self.cfg.optim.max_grad_norm or math.inf)
             result.metrics["grad_norm"] = float(norm)
             # fp16: an overflow of the *scaled* gradients is the scaler's to handle (its step skips and backs off)
-            bad = not math.isfinite(float(norm)) and acc.scaler is None
-        if bad:
+            why = "non-finite gradient norm" if not math.isfinite(float(norm)) and acc.scaler is None else None
+        if why:
             self.optimizer.zero_grad(set_to_none=True)
-            self.guard.bad_step(self.global_step + 1)
+            self.guard.bad_step(self.global_step + 1, why)
             return False
         self.optimizer.step()
         if self.optimizer.step_was_skipped:  # fp16: the scaler found inf/NaN gradients and lowered its scale
@@ -255,18 +264,18 @@ class DiffusionKTOTrainer:
         self._stepped(result)
         return True
 
-    def _deepspeed_step(self, result: StepOutput) -> bool:
+    def _deepspeed_step(self, result: StepOutput, why: str | None) -> bool:
         """The accumulation boundary under DeepSpeed, whose engine has clipped (optim.max_grad_norm) and stepped inside
         ``accelerator.backward``, or skipped the step and zeroed the gradients when their norm was not finite (ZeRO-2,
-        fp32). A non-finite loss skipped its backward; a NaN one is run instead, so that the engine discards the
-        window's earlier gradients the same way. Either skip is counted as under DDP."""
+        fp32). A window with a non-finite micro-step ran no backward at its boundary; a NaN one is run instead, so that
+        the engine discards the window's earlier gradients the same way. Either skip is counted as under DDP."""
         engine = self.family.trainable_module()
-        if not result.metrics["finite"]:
+        if why:
             self.accelerator.backward(zero.poison(self.family.trainable_parameters()))
         norm = engine.get_global_grad_norm()  # None only with zero_optimization.compute_grad_norm=false
         result.metrics["grad_norm"] = math.nan if norm is None else float(norm)
         if self.optimizer.step_was_skipped:
-            self.guard.bad_step(self.global_step + 1)
+            self.guard.bad_step(self.global_step + 1, why or "non-finite gradient norm")
             return False
         self._stepped(result)
         return True
@@ -336,7 +345,8 @@ class DiffusionKTOTrainer:
 
     def _log(self, window: list[dict[str, float]]) -> dict[str, float]:
         """Average the window's metrics over micro-steps and processes, and write them everywhere asked."""
-        metrics = {**reduce_window(self.accelerator, window), "skipped_steps": float(self.guard.skipped)}
+        metrics = {**reduce_window(self.accelerator, window), "skipped_steps": float(self.guard.skipped),
+                   "nonfinite_micro_steps": float(sum(not m.get("finite", 1.0) for m in window))}
         self.metrics_file.write(self.global_step, metrics)
         if self.cfg.log.report_to != "none":
             self.accelerator.log(metrics, step=self.global_step)
