@@ -1,8 +1,9 @@
 """Crash-safe checkpoints: written to a temporary folder, then renamed into place, rotated, with a manifest.
 
 A checkpoint folder ``checkpoint-<step>`` holds ``weights.safetensors`` (trainable weights), ``optimizer.pt`` and
-``scheduler.pt`` (loaded with ``weights_only=True``), ``state.json`` (step and counters) and ``manifest.json``
-(step, resolved config, package versions, file hashes). A folder without a valid manifest is incomplete."""
+``scheduler.pt`` (the LR schedule, and every process's random states and metrics not yet logged; both loaded with
+``weights_only=True``), ``state.json`` (step, micro-step and counters) and ``manifest.json`` (step, resolved config,
+package versions, file hashes). A folder without a valid manifest is incomplete."""
 from __future__ import annotations
 
 import hashlib

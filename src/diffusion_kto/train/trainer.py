@@ -26,7 +26,7 @@ from ..data.stream import StreamingFeedbackDataset, check_readers, collate_strea
 from ..models import DiffusionFamily, load_family
 from ..models.base import Conditioning
 from ..objectives import build_objective
-from . import checkpoint
+from . import checkpoint, rng
 from .distributed import fsdp, require_same_optimizer_layout, setup_accelerator, zero
 from .guards import StepGuard, window_problem
 from .inputs import DTYPES, load_feedback, open_stream, write_data_report
@@ -99,6 +99,7 @@ class DiffusionKTOTrainer:
         self.micro_step = 0  # micro-batches seen: the clock of the objective's plan (loss.reference_every)
         self.guard = StepGuard()
         self.window_bad: list[int] = []  # micro-steps (1-based) of the current accumulation window that were non-finite
+        self.window: list[dict[str, float]] = []  # metrics of the micro-steps since the last log row (checkpointed)
         self.stream = StreamPosition()
         self._stream_resume: dict | None = None
         self.metrics_file = MetricsFile(self.out / "metrics.jsonl", enabled=self.accelerator.is_main_process)
@@ -183,6 +184,7 @@ class DiffusionKTOTrainer:
             dataset, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate_fn,
             num_workers=cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
             persistent_workers=cfg.data.num_workers > 0,
+            generator=torch.Generator().manual_seed(cfg.train.seed),  # its workers' seeds: not from the global RNG
         )
 
     # ---------------------------------------------------------------------------------------- one step
@@ -309,7 +311,6 @@ class DiffusionKTOTrainer:
         loader = iter(self.loader(self.global_step * cfg.train.grad_accum))
         bar = tqdm(total=cfg.train.max_steps, initial=self.global_step, desc="train",
                    disable=not acc.is_local_main_process)
-        window: list[dict[str, float]] = []
         start, start_step, waited = time.perf_counter(), self.global_step, 0.0
         while self.global_step < cfg.train.max_steps:
             for _ in range(cfg.train.grad_accum):
@@ -318,14 +319,15 @@ class DiffusionKTOTrainer:
                 wait = time.perf_counter() - fetch
                 waited += wait
                 result = self.step(batch)
-                window.append({**result.metrics, "data_wait_ms": wait * 1000})
+                self.window.append({**result.metrics, "data_wait_ms": wait * 1000})
             if not result.stepped:
                 continue
             self.global_step += 1
             bar.update(1)
             if self.global_step % cfg.log.every == 0 or self.global_step == cfg.train.max_steps:
-                bar.set_postfix(postfix(self._log(window)))
-                window = []
+                bar.set_postfix(postfix(self._log(self.window)))
+                if self.global_step % cfg.log.every == 0:  # a run's last row keeps them for a checkpoint (resume)
+                    self.window = []
             self._every(cfg.log.validation_every, self.write_validation_images)
             self._every(cfg.train.checkpoint_every, self.save_checkpoint)
         bar.close()
@@ -391,14 +393,18 @@ class DiffusionKTOTrainer:
 
     def save_checkpoint(self) -> Path | None:
         """Write a resumable checkpoint (main process), atomically; every process waits for it."""
+        from accelerate.utils import gather_object
+
         acc = self.accelerator
         stream = self.stream.state() if self.shards else None  # collective
         weights, optimizer = self._gather_states()
+        processes = gather_object([{"rng": rng.capture(), "window": self.window}])  # collective: every process's
         path = None
         if acc.is_main_process:
             path = checkpoint.save_checkpoint(
                 self.out / "checkpoints", self.global_step, weights=weights, optimizer=optimizer,
-                scheduler={"lr_scheduler": self.lr_scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
+                scheduler={"lr_scheduler": self.lr_scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                           "processes": processes},
                 state=self._counters(stream), config=to_dict(self.cfg), keep=self.cfg.train.keep_checkpoints,
             )
         acc.wait_for_everyone()
@@ -407,7 +413,8 @@ class DiffusionKTOTrainer:
     def _counters(self, stream: dict | None) -> dict:
         """The JSON state of a checkpoint: step, skip counts, the objective's state, stream position, fp16 scaler."""
         scaler = self.accelerator.scaler
-        return {"step": self.global_step, "skipped": self.guard.skipped, "scaler_skipped": self.guard.scaler_skipped,
+        return {"step": self.global_step, "micro_step": self.micro_step, "skipped": self.guard.skipped,
+                "scaler_skipped": self.guard.scaler_skipped,
                 "reference": self.objective.state_dict(), **({"stream": stream} if stream else {}),
                 # fp16: the gradient scaler's scale and growth count, so a resumed run skips what this one would
                 **({"scaler": scaler.state_dict()} if scaler else {})}
@@ -445,7 +452,7 @@ class DiffusionKTOTrainer:
         state = checkpoint.load_checkpoint(path)
         self._load_states(state["weights"], state["optimizer"], path)
         self.lr_scheduler.load_state_dict(state["scheduler"]["lr_scheduler"])
-        torch.set_rng_state(state["scheduler"]["torch_rng"])
+        self._restore_processes(state["scheduler"])
         counters = state["state"]
         self.global_step = int(counters["step"])
         self.guard.skipped = int(counters.get("skipped", 0))
@@ -457,7 +464,19 @@ class DiffusionKTOTrainer:
             acc = self.accelerator
             self.stream.keep(self._stream_resume, path, process=acc.process_index, processes=acc.num_processes,
                              workers=max(self.cfg.data.num_workers, 1))
-        self.micro_step = self.global_step * self.cfg.train.grad_accum
+        self.micro_step = int(counters.get("micro_step", self.global_step * self.cfg.train.grad_accum))
         self.objective.load_state_dict(counters.get("reference"))  # None: Q_ref re-estimated at once
         if self.accelerator.is_main_process:
             print(f"resumed from {path} at step {self.global_step}")
+
+    def _restore_processes(self, scheduler: dict) -> None:
+        """This process's random states and unlogged metrics from a checkpoint (the main process's random states when
+        the process count changed; torch's CPU state alone from checkpoints that predate them)."""
+        processes = scheduler.get("processes")
+        if not processes:
+            torch.set_rng_state(scheduler["torch_rng"])
+            return
+        same = len(processes) == self.accelerator.num_processes
+        mine = processes[self.accelerator.process_index if same else 0]
+        rng.restore(mine["rng"])
+        self.window = list(mine["window"]) if same else []

@@ -1,0 +1,34 @@
+"""The global random states a resumed run restores: python's `random`, numpy's global generator, torch's CPU generator
+and every CUDA device's (LoRA dropout on a GPU draws from those). Kept per process in a checkpoint's ``scheduler.pt``,
+which is read with ``weights_only=True``: every state is stored as tensors, ints, floats and None, never as an ndarray
+or another pickled object."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def capture() -> dict:
+    """This process's random states: {"python", "numpy", "torch", "cuda"} (cuda: one state per device, [] without)."""
+    version, internal, gauss = random.getstate()  # (3, 625 ints of the Mersenne Twister, cached gaussian or None)
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # ("MT19937", (624,) uint32, int, int, float)
+    return {
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore(state: dict) -> None:
+    """Set the random states of :func:`capture` (CUDA ones only when this process sees as many devices)."""
+    py, nps = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss"]))
+    np.random.set_state((nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
+                         nps["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
