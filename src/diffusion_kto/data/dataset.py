@@ -104,7 +104,7 @@ class Batch:
     pixels: torch.Tensor | None = None  # (B, 3, R, R) in [-1, 1]
     latent_mean: torch.Tensor | None = None  # (B, C, h, w) of the cached VAE posterior
     latent_std: torch.Tensor | None = None  # (B, C, h, w)
-    stream: tuple[int, ...] | None = None  # data.streaming: (reader, readers, epoch, shard, row) after this batch
+    stream: tuple[int, ...] | None = None  # data.streaming: (reader, readers, epoch, shard, row, skipped) after it
 
     def __len__(self) -> int:
         """The number of samples (images)."""

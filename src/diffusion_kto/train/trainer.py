@@ -100,6 +100,7 @@ class DiffusionKTOTrainer:
         self.guard = StepGuard()
         self.window_bad: list[int] = []  # micro-steps (1-based) of the current accumulation window that were non-finite
         self.window: list[dict[str, float]] = []  # metrics of the micro-steps since the last log row (checkpointed)
+        self.stream_skipped: int | None = None  # data.streaming: bad rows its readers skipped (data.on_bad_row=skip)
         self.stream = StreamPosition()
         self._stream_resume: dict | None = None
         self.metrics_file = MetricsFile(self.out / "metrics.jsonl", enabled=self.accelerator.is_main_process)
@@ -167,7 +168,7 @@ class DiffusionKTOTrainer:
             dataset, collate_fn = StreamingFeedbackDataset(
                 self.shards, desirable_ratio=ratio, buffer_size=cfg.data.stream_buffer, batch_size=cfg.train.batch_size,
                 rank=acc.process_index, world_size=acc.num_processes, start_step=start_step,
-                resume=self._stream_resume, source=cfg.data.path,
+                resume=self._stream_resume, source=cfg.data.path, skip_bad=cfg.data.on_bad_row == "skip",
                 columns=(cfg.data.image_column, cfg.data.prompt_column, cfg.data.label_column), **transform,
             ), collate_stream
         else:
@@ -332,6 +333,7 @@ class DiffusionKTOTrainer:
             self._every(cfg.train.checkpoint_every, self.save_checkpoint)
         bar.close()
         seconds = time.perf_counter() - start
+        self.stream_skipped = sum(self.stream.state()["skipped"].values()) if self.shards else None  # collective
         exported = self._finish()
         images = (self.global_step - start_step) * cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
         result = TrainResult(self.out, self.global_step, exported, seconds, images / max(seconds, 1e-9),
@@ -356,8 +358,9 @@ class DiffusionKTOTrainer:
 
     def write_summary(self, result: TrainResult) -> None:
         """``summary.json`` of a finished run (main process), with the fp16 skips and what was cached."""
+        stream = {} if self.stream_skipped is None else {"stream_skipped_rows": self.stream_skipped}
         write_summary(self.out, result, scaler_skipped_steps=self.guard.scaler_skipped,
-                      cached_latents=self.cache is not None, cached_text=self.text_cache is not None)
+                      cached_latents=self.cache is not None, cached_text=self.text_cache is not None, **stream)
 
     def _finish(self) -> list[str]:
         """Final checkpoint (if checkpointing is on), validation images, and the diffusers export."""
