@@ -172,8 +172,9 @@ class DiffusionKTOTrainer:
                 columns=(cfg.data.image_column, cfg.data.prompt_column, cfg.data.label_column), **transform,
             ), collate_stream
         else:
-            if self.objective.paired:
-                pairs = feedback_to_pairs(self.rows, cfg.data.max_pairs_per_prompt, seed=cfg.train.seed)
+            if self.objective.paired:  # the pairs of paired data as given, else formed from same-prompt rows
+                pairs = getattr(self.screened, "pairs", None) or \
+                    feedback_to_pairs(self.rows, cfg.data.max_pairs_per_prompt, seed=cfg.train.seed)
                 dataset, collate_fn = PairDataset(pairs, cache=self.cache, **transform), collate_pairs
                 desirable = [True] * len(pairs)  # the sampler draws pairs
             else:
