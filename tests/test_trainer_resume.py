@@ -97,3 +97,42 @@ def test_cuda_random_states_round_trip(tmp_path):
     torch.cuda.manual_seed_all(7)
     rng.restore(torch.load(tmp_path / "s.pt", weights_only=True))
     assert torch.equal(torch.rand(3, device="cuda"), expected)
+
+
+class _Payload:
+    """Unpickling this object (without weights_only) would create a file: the proof that a load ran code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt"])
+def test_pickled_objects_in_optimizer_or_scheduler_state_are_refused(tiny_sd, feedback, tmp_path, name):
+    """A checkpoint whose optimizer or scheduler file holds a pickled object (hashes updated, so it looks complete) is
+    refused with one line naming the file; the object's code never runs."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    common = {"lora.rank": 2, "train.checkpoint_every": 2}
+    _run(tiny_sd, feedback, tmp_path / "run", **common, **{"train.max_steps": 2})
+    (ckpt,) = checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")
+    marker = tmp_path / "code-ran"
+    state = torch.load(ckpt / name, weights_only=True)
+    torch.save({**state, "extra": _Payload(marker)}, ckpt / name)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"][name] = checkpoint._sha256(ckpt / name)
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    args = tiny_overrides(tiny_sd, feedback, tmp_path / "run", **common, **{"train.max_steps": 3,
+                                                                            "train.resume": "latest"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "diffusion_kto.cli", "train", *args], capture_output=True, text=True,
+                          env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dkto train: error: train.resume: ") and f"{name} holds pickled" in last
+    assert not marker.exists()

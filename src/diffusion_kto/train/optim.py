@@ -14,6 +14,11 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.opti
     kwargs = dict(lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon, weight_decay=o.weight_decay)
     if not o.use_8bit_adam:
         return torch.optim.AdamW(params, **kwargs)
+    if params[0].device.type != "cuda":
+        raise ConfigError(
+            f"optim.use_8bit_adam=true needs a CUDA GPU (bitsandbytes' 8-bit AdamW keeps its state on the GPU); this "
+            f"run trains on {params[0].device.type}: set optim.use_8bit_adam=false"
+        )
     try:
         import bitsandbytes as bnb
     except ImportError:
