@@ -32,3 +32,17 @@ def restore(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_processes(scheduler: dict, accelerator) -> list[dict]:
+    """Restore this process's random states from a checkpoint's scheduler state and return its metrics not yet logged
+    (the main process's random states and no metrics when the process count changed; torch's CPU state alone from
+    checkpoints that predate the per-process states)."""
+    processes = scheduler.get("processes")
+    if not processes:
+        torch.set_rng_state(scheduler["torch_rng"])
+        return []
+    same = len(processes) == accelerator.num_processes
+    mine = processes[accelerator.process_index if same else 0]
+    restore(mine["rng"])
+    return list(mine["window"]) if same else []

@@ -31,6 +31,7 @@ from .distributed import fsdp, require_same_optimizer_layout, setup_accelerator,
 from .guards import StepGuard, window_problem
 from .inputs import DTYPES, load_feedback, open_stream, write_data_report
 from .metrics import MetricsFile, TrainResult, flat_config, postfix, reduce_window, require_tracker, write_summary
+from .model_card import CARD_GRID, RunFacts, card_prompts, write_model_card
 from .optim import build_lr_scheduler, build_optimizer
 from .precompute import cache_key
 from .streaming import StreamPosition
@@ -101,6 +102,7 @@ class DiffusionKTOTrainer:
         self.window_bad: list[int] = []  # micro-steps (1-based) of the current accumulation window that were non-finite
         self.window: list[dict[str, float]] = []  # metrics of the micro-steps since the last log row (checkpointed)
         self.stream_skipped: int | None = None  # data.streaming: bad rows its readers skipped (data.on_bad_row=skip)
+        self.card_grid: Path | None = None  # the model card's sample grid
         self.stream = StreamPosition()
         self._stream_resume: dict | None = None
         self.metrics_file = MetricsFile(self.out / "metrics.jsonl", enabled=self.accelerator.is_main_process)
@@ -358,10 +360,15 @@ class DiffusionKTOTrainer:
         return metrics
 
     def write_summary(self, result: TrainResult) -> None:
-        """``summary.json`` of a finished run (main process), with the fp16 skips and what was cached."""
+        """``summary.json`` and the model card ``README.md`` of a finished run (main process)."""
         stream = {} if self.stream_skipped is None else {"stream_skipped_rows": self.stream_skipped}
         write_summary(self.out, result, scaler_skipped_steps=self.guard.scaler_skipped,
                       cached_latents=self.cache is not None, cached_text=self.text_cache is not None, **stream)
+        rows = None if self.rows is None else (sum(r.desirable for r in self.rows), sum(not r.desirable for r in self.rows))
+        if result.main_process:
+            write_model_card(self.out, self.cfg, RunFacts(
+                result.steps, result.exported, self.accelerator.num_processes, result.data, rows, self.stream_skipped,
+                self.card_grid, result.skipped_steps))
 
     def _finish(self) -> list[str]:
         """Final checkpoint (if checkpointing is on), validation images, and the diffusers export."""
@@ -370,25 +377,36 @@ class DiffusionKTOTrainer:
             self.save_checkpoint()
         if cfg.log.validation_every and self.global_step % cfg.log.validation_every:
             self.write_validation_images()
+        self.card_grid = self._card_grid()
         model_state = self._whole_model_state()
         exported = self.family.export(str(self.out), model_state) if acc.is_main_process else []
         acc.wait_for_everyone()
         acc.end_training()
         return exported
 
-    def write_validation_images(self) -> Path | None:
-        """Policy and reference images for log.validation_prompts with the same seeds, side by side."""
+    def _card_grid(self) -> Path | None:
+        """The model card's sample grid: the last validation grid, else one drawn now (collective under FSDP)."""
+        cfg = self.cfg
+        if cfg.log.validation_every and cfg.log.validation_prompts:
+            return self.out / "validation" / f"step-{self.global_step:08d}.png"
+        prompts = card_prompts(cfg, self.rows, self._components())
+        return self.write_validation_images(prompts, self.out / CARD_GRID) if prompts else None
+
+    def write_validation_images(self, prompts: list[str] | None = None, path: Path | None = None) -> Path | None:
+        """Policy and reference images for log.validation_prompts (or ``prompts``, into ``path``) with the same seeds,
+        side by side."""
         from ..sampling import generate_pair_grid
 
         cfg, acc = self.cfg, self.accelerator
-        if not cfg.log.validation_prompts or not (acc.is_main_process or self.fsdp):
+        prompts = cfg.log.validation_prompts if prompts is None else prompts
+        if not prompts or not (acc.is_main_process or self.fsdp):
             return None  # under FSDP every process samples: each forward gathers the network's shards from all of them
-        prompts = [self.objective.sampling_prompt(p) for p in cfg.log.validation_prompts]
+        prompts = [self.objective.sampling_prompt(p) for p in prompts]
         grid = generate_pair_grid(self.family, prompts, seed=cfg.train.seed, steps=cfg.log.validation_steps,
                                   guidance=cfg.log.validation_guidance, resolution=cfg.data.resolution)
         if not acc.is_main_process:
             return None
-        path = self.out / "validation" / f"step-{self.global_step:08d}.png"
+        path = path or self.out / "validation" / f"step-{self.global_step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
         return path
@@ -456,7 +474,7 @@ class DiffusionKTOTrainer:
         state = checkpoint.load_checkpoint(path)
         self._load_states(state["weights"], state["optimizer"], path)
         self.lr_scheduler.load_state_dict(state["scheduler"]["lr_scheduler"])
-        self._restore_processes(state["scheduler"])
+        self.window = rng.restore_processes(state["scheduler"], self.accelerator)
         counters = state["state"]
         self.global_step = int(counters["step"])
         self.guard.skipped = int(counters.get("skipped", 0))
@@ -472,15 +490,3 @@ class DiffusionKTOTrainer:
         self.objective.load_state_dict(counters.get("reference"))  # None: Q_ref re-estimated at once
         if self.accelerator.is_main_process:
             print(f"resumed from {path} at step {self.global_step}")
-
-    def _restore_processes(self, scheduler: dict) -> None:
-        """This process's random states and unlogged metrics from a checkpoint (the main process's random states when
-        the process count changed; torch's CPU state alone from checkpoints that predate them)."""
-        processes = scheduler.get("processes")
-        if not processes:
-            torch.set_rng_state(scheduler["torch_rng"])
-            return
-        same = len(processes) == self.accelerator.num_processes
-        mine = processes[self.accelerator.process_index if same else 0]
-        rng.restore(mine["rng"])
-        self.window = list(mine["window"]) if same else []
