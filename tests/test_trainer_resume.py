@@ -91,6 +91,7 @@ def test_a_checkpoint_without_the_new_states_still_resumes(tiny_sd, feedback, tm
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_random_states_round_trip(tmp_path):
     torch.cuda.manual_seed_all(5)
+    torch.rand(1, device="cuda")  # CUDA in use: its state is captured
     state = rng.capture()
     torch.save(state, tmp_path / "s.pt")
     expected = torch.rand(3, device="cuda")

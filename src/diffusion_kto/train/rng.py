@@ -11,7 +11,8 @@ import torch
 
 
 def capture() -> dict:
-    """This process's random states: {"python", "numpy", "torch", "cuda"} (cuda: one state per device, [] without)."""
+    """This process's random states: {"python", "numpy", "torch", "cuda"} (cuda: the state of this process's current
+    device, which its LoRA dropout draws from; None when the process has not used CUDA)."""
     version, internal, gauss = random.getstate()  # (3, 625 ints of the Mersenne Twister, cached gaussian or None)
     kind, keys, pos, has_gauss, cached = np.random.get_state()  # ("MT19937", (624,) uint32, int, int, float)
     return {
@@ -19,19 +20,19 @@ def capture() -> dict:
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
     }
 
 
 def restore(state: dict) -> None:
-    """Set the random states of :func:`capture` (CUDA ones only when this process sees as many devices)."""
+    """Set the random states of :func:`capture` (the CUDA one on this process's current device)."""
     py, nps = state["python"], state["numpy"]
     random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss"]))
     np.random.set_state((nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
                          nps["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if isinstance(state.get("cuda"), torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def restore_processes(scheduler: dict, accelerator) -> list[dict]:
