@@ -64,3 +64,11 @@ def test_a_restarted_benchmark_reuses_a_finished_run_only_when_its_config_is_the
     assert (out / "train_done.json").stat().st_mtime_ns == done  # reused, not retrained
     with pytest.raises(ConfigError, match="another config"):
         _train(AlignSettings(out=tmp_path, steps=2), feedback, "sft", 4e-5, 0)
+
+
+def test_the_base_model_is_sampled_with_the_plain_prompt():
+    """bench align evaluates the base under the name "base", which names no method (a KeyError stopped every run)."""
+    from diffusion_kto.apps.bench_align import _prompt_for
+
+    assert _prompt_for("base", "a red circle") == "a red circle"
+    assert _prompt_for("csft", "a red circle") == "a red circle, good image"

@@ -106,7 +106,9 @@ def _pipeline(model_dir: Path | None):
 
 def _prompt_for(method: str, prompt: str) -> str:
     """The prompt a method's model is sampled with: its objective's (CSFT: with the "good image" phrase it was
-    trained with; the others: the prompt itself)."""
+    trained with; the others and the base model: the prompt itself)."""
+    if method not in METHODS:  # the base model
+        return prompt
     return build_objective(load_config(CONFIG, [*COMMON, *METHODS[method]])).sampling_prompt(prompt)
 
 
