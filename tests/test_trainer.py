@@ -143,11 +143,12 @@ def test_validation_images_and_gradient_checkpointing(tiny_sd, feedback, tmp_pat
 
 def test_bf16_mixed_precision_lora(tiny_sd, feedback, tmp_path):
     cfg = load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "run", **{
-        "lora.rank": 2, "train.max_steps": 1, "train.mixed_precision": "bf16"}))
+        "lora.rank": 2, "train.max_steps": 1, "train.mixed_precision": "bf16", "log.validation_steps": 2}))
     trainer = DiffusionKTOTrainer(cfg)
     assert trainer.family.vae.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in trainer.family.trainable_parameters())
     assert trainer.train().steps == 1
+    assert (tmp_path / "run" / "samples.png").is_file()  # the card's grid samples under bf16 autocast
 
 
 def test_non_finite_steps_are_skipped_then_stop(tiny_sd, feedback, tmp_path, monkeypatch):

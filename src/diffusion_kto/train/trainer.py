@@ -402,8 +402,9 @@ class DiffusionKTOTrainer:
         if not prompts or not (acc.is_main_process or self.fsdp):
             return None  # under FSDP every process samples: each forward gathers the network's shards from all of them
         prompts = [self.objective.sampling_prompt(p) for p in prompts]
-        grid = generate_pair_grid(self.family, prompts, seed=cfg.train.seed, steps=cfg.log.validation_steps,
-                                  guidance=cfg.log.validation_guidance, resolution=cfg.data.resolution)
+        with acc.autocast():  # bf16 / fp16: the VAE and text encoder hold the compute dtype, the trained network fp32
+            grid = generate_pair_grid(self.family, prompts, seed=cfg.train.seed, steps=cfg.log.validation_steps,
+                                      guidance=cfg.log.validation_guidance, resolution=cfg.data.resolution)
         if not acc.is_main_process:
             return None
         path = path or self.out / "validation" / f"step-{self.global_step:08d}.png"
