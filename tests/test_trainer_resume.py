@@ -137,3 +137,33 @@ def test_pickled_objects_in_optimizer_or_scheduler_state_are_refused(tiny_sd, fe
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("dkto train: error: train.resume: ") and f"{name} holds pickled" in last
     assert not marker.exists()
+
+
+def test_resume_after_a_skipped_window_continues_at_the_next_micro_step(tiny_sd, feedback, tmp_path, monkeypatch):
+    """A skipped window uses micro-steps without an optimizer step, so the resumed loader starts at the checkpoint's
+    micro-step, not at step x grad_accum: 4 straight steps == 2 + resume + 2, with micro-step 1 non-finite."""
+    import json
+
+    from diffusion_kto import losses
+
+    real_loss, real_step, nan = losses.kto_loss, DiffusionKTOTrainer.step, {"on": False}
+
+    def kto_loss(*a, **k):
+        out = real_loss(*a, **k)
+        return out._replace(losses=out.losses * float("nan")) if nan["on"] else out
+
+    def step(self, batch):
+        nan["on"] = self.micro_step == 1
+        return real_step(self, batch)
+
+    monkeypatch.setattr(losses, "kto_loss", kto_loss)
+    monkeypatch.setattr(DiffusionKTOTrainer, "step", step)
+    common = {"lora.rank": 2, "train.checkpoint_every": 2}
+    _run(tiny_sd, feedback, tmp_path / "a", **common, **{"train.max_steps": 4})
+    _run(tiny_sd, feedback, tmp_path / "b", **common, **{"train.max_steps": 2})
+    resumed = _run(tiny_sd, feedback, tmp_path / "b", **common, **{"train.max_steps": 4, "train.resume": "latest"})
+    assert resumed.micro_step == 5 and resumed.guard.skipped == 1
+    a = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["skipped_steps"] == 1

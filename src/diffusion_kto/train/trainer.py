@@ -312,7 +312,7 @@ class DiffusionKTOTrainer:
         """Run to train.max_steps optimizer steps: log, validate, checkpoint, then export."""
         cfg, acc = self.cfg, self.accelerator
         self._start()
-        loader = iter(self.loader(self.global_step * cfg.train.grad_accum))
+        loader = iter(self.loader(self.micro_step))  # global_step x grad_accum unless windows were skipped
         bar = tqdm(total=cfg.train.max_steps, initial=self.global_step, desc="train",
                    disable=not acc.is_local_main_process)
         start, start_step, waited = time.perf_counter(), self.global_step, 0.0
