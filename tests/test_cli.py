@@ -124,3 +124,13 @@ def test_unknown_key_is_a_clear_error(tmp_path):
 def test_check_config_prints_resolved_values():
     proc = dkto("check-config", "loss.beta=123")
     assert proc.returncode == 0 and "beta: 123.0" in proc.stdout
+
+
+def test_8bit_adam_on_a_cpu_is_one_clear_line(tiny_sd, feedback, tmp_path):
+    """bitsandbytes' 8-bit AdamW needs CUDA: on a CPU the run stops before training with one line naming the key."""
+    proc = dkto("train", *tiny_overrides(tiny_sd, feedback, tmp_path / "run", **{"optim.use_8bit_adam": "true"}))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("dkto train: error: optim.use_8bit_adam=true") and "CUDA" in lines[-1]
+    assert "Traceback" not in proc.stderr and "use_8bit_adam=false" in lines[-1]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -71,3 +71,26 @@ def test_per_sample_weights_of_the_family_scale_the_errors(family, monkeypatch):
     weighted = forward.denoising_errors(family, x0, cond, draws, 0, ForwardPlan(reference=True, mismatched=2))
     torch.testing.assert_close(weighted.reference, plain.reference * weight)
     torch.testing.assert_close(weighted.policy_mismatched, plain.policy_mismatched * weight[:2])
+
+
+def test_the_lora_reference_is_the_adapter_free_unet_exactly(tiny_sd, tmp_path):
+    """With trained (non-zero) adapters, the reference (adapters switched off) is bit for bit the UNet loaded without
+    them, and the policy is not."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = load_config(None, tiny_overrides(tiny_sd, tmp_path / "none.jsonl", tmp_path / "run", **{"lora.rank": 4}))
+    family = load_family(cfg, weight_dtype=torch.float32, device="cpu")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in family.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # LoRA B starts at 0: give the adapters an effect
+    plain = UNet2DConditionModel.from_pretrained(tiny_sd / "unet").eval()
+    x0, cond, _ = _inputs(family)
+    t = torch.tensor([5, 40, 70, 99])
+    reference = family.predict(x0, t, cond, reference=True)
+    with torch.no_grad():
+        expected = plain(x0, t, encoder_hidden_states=cond.hidden_states, return_dict=False)[0]
+        policy = family.predict(x0, t, cond)
+    assert torch.equal(reference, expected)
+    assert not torch.allclose(policy, expected)
+    assert torch.equal(family.predict(x0, t, cond, reference=True), reference)  # the adapters came back on and off

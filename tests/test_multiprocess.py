@@ -18,7 +18,7 @@ the same reason (FSDP reduce-scatters the gradients instead of all-reducing them
 DeepSpeed ZeRO-2 (the shipped configs/accelerate/deepspeed-zero2.yaml, --num_processes 2; skipped without the
 deepspeed package, which CI does not install): a full fine-tune with clipping and a linear LR schedule acting agrees
 with one process to the same ATOL (observed: 5.6e-6 after 3 steps that move the weights by 2.0e-3; LoRA, slow: 5.0e-6),
-and so does a run with NaN losses at a boundary and a non-boundary micro-step (the engine discards the window's
+and so does a run with NaN losses at a boundary and a non-boundary micro-step (the engine discards each such window's
 gradients and skips the step; without that the check fails). A success also means the run was DeepSpeed: the trainer
 refuses a DeepSpeed launch that accelerate runs as anything else.
 """
@@ -165,7 +165,8 @@ def test_deepspeed_zero2_two_cpu_processes_match_one_process_lora(tiny_sd, feedb
 @needs_deepspeed
 def test_deepspeed_skips_non_finite_steps_like_one_process(tiny_sd, feedback, tmp_path, monkeypatch):
     """NaN losses at micro-step 1 (a boundary, after micro-step 0's backward) and 4 (not a boundary), 2 micro-steps a
-    step: DeepSpeed discards the first window (skipped step) and drops micro-step 4, as one process without it does."""
+    step: DeepSpeed discards both windows (two skipped steps: micro-step 5's gradients are not applied alone), as one
+    process without it does."""
     import json
     from pathlib import Path
 
@@ -179,7 +180,27 @@ def test_deepspeed_skips_non_finite_steps_like_one_process(tiny_sd, feedback, tm
     one, two, _ = _two_processes(_launch("deepspeed-zero2.yaml", script), tiny_sd, feedback, tmp_path,
                                  {**DS_RUN, "train.grad_accum": 2})
     _assert_same_unet(one / "unet", two / "unet", tiny_sd / "unet")
-    assert [json.loads((d / "summary.json").read_text())["skipped_steps"] for d in (one, two)] == [1, 1]
+    assert [json.loads((d / "summary.json").read_text())["skipped_steps"] for d in (one, two)] == [2, 2]
+
+
+def test_ddp_skips_a_window_with_a_non_finite_micro_step_like_one_process(tiny_sd, feedback, tmp_path, monkeypatch):
+    """DDP (2 gloo processes): NaN losses at micro-step 1 (a boundary) and 4 (not a boundary), 2 micro-steps a step.
+    Every process skips the backward of the rest of a poisoned window (no all-reduce is left waiting), both windows
+    are skipped, and the weights agree with one process."""
+    import json
+    from pathlib import Path
+
+    from diffusion_kto import losses
+    from nan_loss_run import nan_at
+
+    monkeypatch.setattr(losses, "kto_loss", losses.kto_loss)  # put back after the test
+    nan_at({1, 4})
+    monkeypatch.setenv("DKTO_NAN_MICRO_STEPS", "1,4")
+    script = str(Path(__file__).parent / "nan_loss_run.py")
+    one, two, _ = _two_processes(_launch("multi-gpu-ddp.yaml", script), tiny_sd, feedback, tmp_path,
+                                 {**RUN, "train.grad_accum": 2})
+    _assert_same_lora(one, two)
+    assert [json.loads((d / "summary.json").read_text())["skipped_steps"] for d in (one, two)] == [2, 2]
 
 
 def test_launch_command_is_accelerate_multi_process_on_cpu():

@@ -56,3 +56,23 @@ def test_stream_problems_are_found_before_any_model_loads(tmp_path, shards):
                                                                 **{"data.num_workers": 8})))
     with pytest.raises(ConfigError, match="data.streaming: loss.name=dpo"):
         load_config(None, _stream_overrides("no-model", shards, tmp_path / "r", **{"loss.name": "dpo"}))
+
+
+def test_streamed_run_skips_bad_rows_with_on_bad_row_skip_and_reports_them(tiny_sd, feedback, tmp_path):
+    """A shard with an unreadable image and an unknown label: skip trains on the others and reports the count; error
+    (the default) stops naming the shard and the key."""
+    from tiny import write_bad_feedback
+
+    from diffusion_kto.data import FeedbackError
+
+    bad = write_bad_feedback(tmp_path / "bad")  # lines 2-5 bad: missing / unreadable image, unknown label, empty prompt
+    rows = read_feedback(bad, bad_rows=[])  # the rows a reader can parse; the two with broken images stay in
+    shards = shard_pattern(write_shards([r for r in rows if r.image.is_file()], tmp_path / "s", rows_per_shard=5))
+    out = tmp_path / "run"
+    result = DiffusionKTOTrainer(load_config(None, _stream_overrides(tiny_sd, shards, out, **{
+        "lora.rank": 2, "data.on_bad_row": "skip"}))).train()
+    assert result.steps == 3
+    assert json.loads((out / "summary.json").read_text())["stream_skipped_rows"] >= 1
+    with pytest.raises(FeedbackError, match=r"train-00000\d\.tar:00000000\d: image .* cannot be read"):
+        DiffusionKTOTrainer(load_config(None, _stream_overrides(tiny_sd, shards, tmp_path / "run2",
+                                                                **{"lora.rank": 2}))).train()

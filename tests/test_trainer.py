@@ -81,6 +81,36 @@ def test_refuses_existing_output_dir(tiny_sd, feedback, tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+def test_overwrite_replaces_an_existing_output_dir(tiny_sd, feedback, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "checkpoint-00000009").mkdir(parents=True)
+    (out / "precious.txt").write_text("an old run")
+    cfg = load_config(None, tiny_overrides(tiny_sd, feedback, out, **{"lora.rank": 2, "train.max_steps": 1,
+                                                                      "train.overwrite": "true"}))
+    assert DiffusionKTOTrainer(cfg).train().steps == 1
+    assert not (out / "precious.txt").exists() and not (out / "checkpoints").exists()
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and len(logged_metrics(out / "metrics.jsonl")) == 1
+
+
+def test_tensorboard_writes_the_logged_metrics_as_events(tiny_sd, feedback, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(tiny_sd, feedback, out, **{"lora.rank": 2, "train.max_steps": 2,
+                                                                      "log.report_to": "tensorboard"}))
+    DiffusionKTOTrainer(cfg).train()
+    runs = [EventAccumulator(str(d)) for d in sorted({p.parent for p in (out / "logs").rglob("events.out.tfevents.*")})]
+    for run in runs:
+        run.Reload()
+    (accumulator,) = [run for run in runs if "loss" in run.Tags()["scalars"]]  # the others: the config as hparams
+    logged = logged_metrics(out / "metrics.jsonl")
+    loss = accumulator.Scalars("loss")
+    assert [e.step for e in loss] == [1, 2]
+    assert [e.value for e in loss] == pytest.approx([row["loss"] for row in logged])
+    assert {"kl", "reward_liked", "skipped_steps"} <= set(accumulator.Tags()["scalars"])
+
+
 def test_resume_equals_uninterrupted(tiny_sd, feedback, tmp_path):
     """4 straight steps == 2 steps + checkpoint + resume + 2 steps (bitwise on CPU)."""
     common = {"lora.rank": 4, "train.checkpoint_every": 2}
@@ -113,11 +143,12 @@ def test_validation_images_and_gradient_checkpointing(tiny_sd, feedback, tmp_pat
 
 def test_bf16_mixed_precision_lora(tiny_sd, feedback, tmp_path):
     cfg = load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "run", **{
-        "lora.rank": 2, "train.max_steps": 1, "train.mixed_precision": "bf16"}))
+        "lora.rank": 2, "train.max_steps": 1, "train.mixed_precision": "bf16", "log.validation_steps": 2}))
     trainer = DiffusionKTOTrainer(cfg)
     assert trainer.family.vae.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in trainer.family.trainable_parameters())
     assert trainer.train().steps == 1
+    assert (tmp_path / "run" / "samples.png").is_file()  # the card's grid samples under bf16 autocast
 
 
 @pytest.mark.parametrize("rank", [2, 0])

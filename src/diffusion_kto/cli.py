@@ -350,11 +350,12 @@ def _add_bench(sub) -> None:
     bench = p.add_subparsers(dest="bench_command", required=True)
     step = bench.add_parser(
         "step",
-        help="median step time and peak memory of sft, kto (matched, mismatched, amortized), LoRA and full, as JSON",
+        help="median step time and peak memory of sft, kto (matched, mismatched, amortized) and dpo, LoRA and full, "
+             "as JSON",
         description="Example: dkto bench step --threads 1 --repeats 3 --out benchmarks/results/step.json",
     )
     step.add_argument("--model", default="toy", help="hub id, local diffusers folder, or 'toy' (the shipped model)")
-    step.add_argument("--batch-size", type=int, default=4)
+    step.add_argument("--batch-size", type=int, default=4, help="images a step, even (dpo: half as many pairs)")
     step.add_argument("--resolution", type=int, default=None, help="default: the VAE's sample_size")
     step.add_argument("--adapters", default="lora,full", help="comma-separated: lora, full")
     step.add_argument("--losses", default="sft,kto_matched,kto_mismatched,kto_amortized",

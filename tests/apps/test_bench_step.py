@@ -28,11 +28,25 @@ def test_worker_times_real_trainer_steps(tiny_sd, tmp_path):
 def test_worker_times_sdxl_steps_and_dpo_counts_pairs(tiny_sdxl, tmp_path, loss):
     """bench step runs on SDXL too; a DPO mode takes half as many pairs as the others take images."""
     data = bench.write_feedback(tmp_path / "data", 16, n=6)
+    bench.write_pairs_data(data)
     s = bench.BenchSettings(model=str(tiny_sdxl), batch_size=4, losses=("sft", loss))
     overrides = bench.mode_overrides(s, "lora", loss, data, tmp_path / "o", 16)
     assert load_config(None, overrides).train.batch_size == (2 if loss == "dpo" else 4)
     out = bench.run_worker(overrides, 1, 2, threads=1)
     assert len(out["step_ms"]) == 2 and out["skipped_steps"] == 0 and out["trainable_params"] > 0
+
+
+def test_dpo_mode_trains_the_pairs_of_the_same_feedback_on_the_same_images_a_step(tiny_sd, tmp_path):
+    """The dpo mode reads the pairs.jsonl formed from the benchmark's feedback (as `dkto convert to-pairs` writes it),
+    batch_size / 2 pairs a step, and its worker times real DPO steps."""
+    data = bench.write_feedback(tmp_path / "data", 16, n=6)
+    pairs = bench.write_pairs_data(data)
+    s = bench.BenchSettings(model=str(tiny_sd), batch_size=4)
+    cfg = load_config(None, bench.mode_overrides(s, "lora", "dpo", data, tmp_path / "o", 16))
+    assert cfg.loss.name == "dpo" and cfg.train.batch_size == 2 and cfg.data.path == str(pairs)
+    assert bench.paired("dpo") and not bench.paired("kto_matched")
+    out = bench.run_worker(bench.mode_overrides(s, "lora", "dpo", data, tmp_path / "o2", 16), 1, 2, threads=1)
+    assert len(out["step_ms"]) == 2 and out["skipped_steps"] == 0
 
 
 def _mode(ms, peak, train=10.0):
@@ -128,11 +142,13 @@ def test_bad_settings_are_config_errors():
         bench.bench_step(bench.BenchSettings(model="x", steps=0))
     with pytest.raises(ConfigError, match="include sft"):
         bench.bench_step(bench.BenchSettings(model="x", losses=("kto_matched", "dpo")))
+    with pytest.raises(ConfigError, match="must be even"):
+        bench.bench_step(bench.BenchSettings(model="x", batch_size=3))
 
 
 @pytest.mark.slow
 def test_bench_step_end_to_end(tiny_sd):
     report = bench.bench_step(bench.BenchSettings(model=str(tiny_sd), adapters=("lora",), steps=4, warmup=1, threads=1))
-    assert set(report["results"]["lora"]) == {"sft", "kto_matched", "kto_mismatched", "kto_amortized"}
+    assert set(report["results"]["lora"]) == {"sft", "kto_matched", "kto_mismatched", "kto_amortized", "dpo"}
     assert set(report["targets"]) == {f"lora.{kind}.kto_{mode}" for kind in ("time", "peak_mem")
                                       for mode in ("matched", "mismatched", "amortized")}

@@ -29,6 +29,9 @@ def test_demo_smoke_run_with_a_users_judge_writes_feedback_report_and_metrics(tm
     assert set(metrics["stage_seconds"]) == {"load base model", "collect feedback", "train (Diffusion-KTO)", "evaluate"}
     for name in ("report.md", "report.html", "grid_base_vs_aligned__same_prompts_and_seeds.png"):
         assert (out / name).is_file()
+    card = (out / "model" / "README.md").read_text()  # the trained model's card, with the demo's results
+    assert card.startswith("---\n") and "### dkto demo" in card and "win rate over the base" in card
+    assert "16 rows:" in card and "![base vs aligned](demo-grid.png)" in card and (out / "model" / "demo-grid.png").is_file()
 
 
 def test_demo_with_lora_evaluates_the_adapters(tmp_path, monkeypatch):

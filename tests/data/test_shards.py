@@ -108,3 +108,23 @@ def test_dkto_convert_shards(tmp_path, images, records, write_jsonl, capsys):
     assert [r.prompt for p in list_shards(tmp_path / "s") for r in read_shard(p, COLUMNS)] == [
         "a red square", "a green square", "a blue square"]
     assert main(["convert", "shards", "--src", str(src), "--out", str(tmp_path / "s")]) == 2  # not empty
+
+
+@pytest.mark.parametrize("members, reason", [
+    ([("k1.json", b'{"prompt": "p", "label": true}')], "missing image"),
+    ([("k1.png", b"png")], "malformed row"),
+    ([("k1.png", b"png"), ("k1.json", b"{oops")], "malformed row"),
+    ([("k1.png", b"png"), ("k1.json", b'{"label": 1}')], "missing key"),
+    ([("k1.png", b"png"), ("k1.json", b'{"prompt": "p", "label": "maybe"}')], "unknown label"),
+])
+def test_shard_entries_give_bad_samples_as_bad_rows(tmp_path, members, reason):
+    """What read_shard raises for a sample, shard_entries gives as a BadRow (data.on_bad_row=skip passes it over)."""
+    from diffusion_kto.data import BadRow
+    from diffusion_kto.data.shards import shard_entries
+
+    good = [("k0.png", b"png"), ("k0.json", json.dumps({"prompt": "ok", "label": 0}).encode())]
+    after = [("k2.png", b"png"), ("k2.json", json.dumps({"prompt": "after", "label": 1}).encode())]
+    entries = list(shard_entries(_tar(tmp_path / "s.tar", good + members + after), COLUMNS))
+    assert [e.prompt for e in entries if isinstance(e, FeedbackRow)] == ["ok", "after"]
+    (bad,) = [e for e in entries if isinstance(e, BadRow)]
+    assert bad.where == f"{tmp_path / 's.tar'}:k1" and bad.reason == reason

@@ -89,11 +89,11 @@ def test_dataloader_workers_take_turns(shards):
 
 def test_resume_starts_each_reader_at_its_cursor(shards):
     first = _take(_dataset(shards, buffer_size=1, desirable_ratio=0.0), 1)[0]
-    reader, readers, *cursor = first["stream"]
-    assert (reader, readers, cursor) == (0, 1, [0, 0, 2])  # one disliked row needed two reads (row 0 is liked)
-    state = {"readers": 1, "cursors": {"0": cursor}}
+    reader, readers, *cursor, skipped = first["stream"]
+    assert (reader, readers, cursor, skipped) == (0, 1, [0, 0, 2], 0)  # one disliked row needed two reads (row 0 liked)
+    state = {"readers": 1, "cursors": {"0": cursor}, "skipped": {"0": 3}}
     resumed = _take(_dataset(shards, buffer_size=1, desirable_ratio=0.0, resume=state, start_step=1), 1)[0]
-    assert resumed["stream"][2:] == (0, 0, 3) and resumed["draw_id"] == 4
+    assert resumed["stream"][2:] == (0, 0, 3, 3) and resumed["draw_id"] == 4  # the skipped count goes on
     assert start_cursor(state, 0, 1) == Cursor(0, 0, 2)
     assert start_cursor(state, 1, 2) == Cursor(0) and start_cursor(None, 0, 1) == Cursor()
     assert start_cursor({"readers": 2, "cursors": {"0": [3, 1, 5], "1": [2, 0, 1]}}, 0, 4) == Cursor(2)
@@ -128,3 +128,57 @@ def test_item_choices_follow_the_seed_like_the_in_memory_dataset(shards):
         items = _take(_dataset(shards, seed=seed, caption_dropout=0.5), 48)
         assert [item["prompt"] == "" for item in items] == [
             draw_choices(seed, item["draw_id"], 0.5).drop_caption for item in items]
+
+
+def _shards_with_bad_rows(tmp_path, png_bytes):
+    """12 rows in 2 shards; rows 2 (undecodable image) and 7 (label "maybe") are bad."""
+    import io
+    import json
+    import tarfile
+
+    rows = [FeedbackRow(png_bytes((20 * i, 0, 0)), f"prompt {i}", i % 2 == 0, f"src:{i}") for i in range(12)]
+    rows[2] = FeedbackRow(b"not an image", "prompt 2", True, "src:2")
+    shards = write_shards(rows, tmp_path / "s", rows_per_shard=6)
+    members = []
+    with tarfile.open(shards[1]) as tar:  # rewrite row 7's label in the second shard
+        for info in tar:
+            data = tar.extractfile(info).read()
+            if info.name == "000000007.json":
+                data = json.dumps({"prompt": "prompt 7", "label": "maybe"}).encode()
+            members.append((info.name, data))
+    with tarfile.open(shards[1], "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return shards
+
+
+def test_on_bad_row_skip_passes_over_bad_rows_counts_and_names_them(tmp_path, png_bytes, caplog):
+    import logging
+
+    shards = _shards_with_bad_rows(tmp_path, png_bytes)
+    skipped = Counter()
+    with caplog.at_level(logging.WARNING):
+        rows = [row for row, _ in itertools.islice(
+            read_stream(shards, COLUMNS, seed=0, reader=0, readers=1, skip_bad=True, skipped=skipped), 10)]
+    assert sorted(int(r.prompt.split()[1]) for r in rows) == [0, 1, 3, 4, 5, 6, 8, 9, 10, 11]
+    assert skipped == {"unreadable image": 1, "unknown label": 1}
+    assert "train-000000.tar:000000002" in caplog.text and "train-000001.tar:000000007" in caplog.text
+
+
+def test_on_bad_row_skip_counts_travel_with_the_items(tmp_path, png_bytes):
+    """Every item carries its reader's count of skipped rows, so the trainer can report them."""
+    shards = _shards_with_bad_rows(tmp_path, png_bytes)
+    items = _take(_dataset(shards, desirable_ratio=0.5, buffer_size=2, skip_bad=True), 24)
+    assert all(item["desirable"] in (True, False) for item in items)
+    counts = [item["stream"][-1] for item in items]
+    assert counts == sorted(counts) and counts[-1] >= 2  # an epoch and more: each bad row met at least once
+    batch = collate_stream(items[:4])
+    assert len(batch.stream) == 6 and batch.stream[-1] == items[3]["stream"][-1]
+
+
+def test_on_bad_row_error_stops_at_the_bad_row_naming_shard_and_key(tmp_path, png_bytes):
+    shards = _shards_with_bad_rows(tmp_path, png_bytes)
+    with pytest.raises(FeedbackError, match=r"train-000001\.tar:000000007: column 'label': unknown label"):
+        list(itertools.islice(read_stream(shards, COLUMNS, seed=0, reader=0, readers=1), 20))

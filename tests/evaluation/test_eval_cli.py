@@ -170,3 +170,12 @@ def test_category_means_follow_the_prompt_categories():
     scores = {"m": {"s": np.array([[1.0, 3.0], [10.0, 10.0], [5.0, 7.0]])}}
     assert eval_run.category_means(ps, scores) == {"m · photo": {"s": 4.0}, "m · anime": {"s": 10.0}}
     assert eval_run.category_means(PromptSet("p", ["a"], "test"), {"m": {"s": np.ones((1, 2))}}) == {}
+
+
+def test_the_evaluated_runs_card_gets_the_results(evaluated, lora_run):
+    """`dkto eval` adds its win rates and mean scores to the model card of every run it evaluates (the LoRA's)."""
+    _, out, stdout = evaluated
+    card = (lora_run / "README.md").read_text()
+    assert "### dkto eval (prompts)" in card and "aligned vs base" in card
+    assert "No evaluation yet" not in card and f"added the results to {lora_run / 'README.md'}" in stdout
+    assert card.startswith("---\n")  # the front matter is kept

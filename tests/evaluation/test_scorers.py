@@ -139,8 +139,10 @@ def _open_clip():
     try:
         import open_clip
     except Exception as err:  # noqa: BLE001  (a CUDA torchvision beside CPU torch raises RuntimeError)
-        pytest.skip(f"open_clip_torch is not usable here ({type(err).__name__}: {err}); "
-                    "pip install open_clip_torch to run the HPS v2 test")
+        pytest.skip(f"open_clip_torch is not usable here ({type(err).__name__}: {err}); it is not in the [dev] extra "
+                    "because it pulls torchvision, whose PyPI build does not load beside a CPU torch (on the project's "
+                    "machines it would replace torch 2.13.0+cpu with a 5.5 GB CUDA torch 2.14.1); pip install "
+                    "open_clip_torch with a matching torchvision to run the HPS v2 test")
     return open_clip
 
 

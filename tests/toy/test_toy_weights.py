@@ -58,3 +58,22 @@ def test_shipped_pipeline_draws_the_prompted_colour(pipe):
     assert images[0].size == (32, 32)
     colour = judges.colour_score(images, prompts)
     assert np.mean(colour >= 0.5) >= 0.6, colour
+
+
+def test_shipped_pipeline_draws_the_prompted_shape(pipe):
+    """The shapes judge's shape score (probability that the prompted-colour pixels form the prompted shape) is high
+    for the prompted shape and low for another shape on the same images: the model draws shapes, not only colours."""
+    prompts = world.train_prompts()
+    chosen = [prompts[i] for i in range(0, len(prompts), 2)][:24]
+    with torch.no_grad():
+        images = pipe(chosen, height=32, width=32, num_inference_steps=8, guidance_scale=4.0,
+                      generator=torch.Generator().manual_seed(0)).images
+    prompted = judges.shape_score(images, chosen)
+
+    def another_shape(prompt):
+        shape = next(s for s in world.SHAPES if s in prompt.split())
+        return prompt.replace(shape, world.SHAPES[(world.SHAPES.index(shape) + 1) % len(world.SHAPES)])
+
+    other = judges.shape_score(images, [another_shape(p) for p in chosen])
+    assert np.mean(prompted >= 0.5) >= 0.5, prompted
+    assert prompted.mean() > other.mean() + 0.3, (prompted.mean(), other.mean())

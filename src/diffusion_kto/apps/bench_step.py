@@ -1,4 +1,5 @@
-"""`dkto bench step`: time and size one training step of SFT and Diffusion-KTO on the same model and batch.
+"""`dkto bench step`: time and size one training step of SFT, Diffusion-KTO and Diffusion-DPO on the same model and
+images.
 
 Every (adapter, loss) mode runs in fresh subprocesses, so that nothing carries over from one mode to the next. A
 worker builds the real :class:`~diffusion_kto.train.DiffusionKTOTrainer` on synthetic feedback, draws its batches
@@ -41,8 +42,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError
+from ..objectives import objective_class
 
-# (name, loss overrides): the losses compared; ratios are taken to "sft"
+# (name, loss overrides): the losses compared; ratios are taken to "sft". A paired objective (dpo) trains on the pairs
+# formed from the same feedback (a pairs.jsonl, as `dkto convert to-pairs` writes it), batch_size / 2 pairs a step:
+# the same images per step as the others
 LOSSES = {
     "sft": {"loss.name": "sft"},
     "kto_matched": {"loss.name": "kto", "loss.reference_point": "matched"},
@@ -139,24 +143,38 @@ def native_resolution(pretrained: str) -> int:
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
+def paired(loss: str) -> bool:
+    """Whether a mode's objective trains on pairs (its objective says so)."""
+    return objective_class(LOSSES[loss]["loss.name"]).paired
+
+
+def pairs_path(feedback: Path) -> Path:
+    """Where :func:`write_pairs_data` puts the pairs of a feedback file: ``pairs/pairs.jsonl`` beside it."""
+    return feedback.parent / "pairs" / "pairs.jsonl"
+
+
+def write_pairs_data(feedback: Path) -> Path:
+    """The pairs.jsonl of every same-prompt liked x disliked pair of a feedback file (what `dkto convert to-pairs`
+    writes), at :func:`pairs_path`, for the paired modes."""
+    from ..data import read_feedback
+    from ..data.pairs import feedback_to_pairs, write_pairs
+
+    return write_pairs(feedback_to_pairs(read_feedback(feedback), None), pairs_path(feedback).parent)
+
+
 def mode_overrides(s: BenchSettings, adapter: str, loss: str, data: Path, out: Path, resolution: int) -> list[str]:
-    """Config overrides of one benchmark mode; everything but the adapter and the loss is shared."""
+    """Config overrides of one benchmark mode; everything but the adapter and the loss (and, for a paired loss, the
+    pairs data and batch_size / 2 pairs: the same images a step) is shared."""
+    pairs = paired(loss)
     values = {
-        "model.pretrained": s.model, "data.path": str(data), "data.resolution": resolution,
-        "data.caption_dropout": 0.0, "data.random_flip": False, "train.output_dir": str(out),
-        "train.batch_size": _batch_size(s.batch_size, loss), "train.max_steps": s.warmup + s.steps,
-        "train.checkpoint_every": 0,
+        "model.pretrained": s.model, "data.path": str(pairs_path(data) if pairs else data),
+        "data.resolution": resolution, "data.caption_dropout": 0.0, "data.random_flip": False,
+        "train.output_dir": str(out), "train.batch_size": s.batch_size // 2 if pairs else s.batch_size,
+        "train.max_steps": s.warmup + s.steps, "train.checkpoint_every": 0,
         "train.mixed_precision": s.mixed_precision, "train.seed": s.seed, "optim.warmup_steps": 0,
         "optim.lr": 1e-5, "lora.rank": s.lora_rank if adapter == "lora" else 0, **LOSSES[loss],
     }
     return [f"{k}={_yaml_scalar(v)}" for k, v in values.items()] + list(s.overrides)
-
-
-def _batch_size(images: int, loss: str) -> int:
-    """train.batch_size of a mode: ``images`` per step (a paired objective's batch counts pairs of two images)."""
-    from ..objectives import objective_class
-
-    return max(1, images // 2) if objective_class(LOSSES[loss]["loss.name"]).paired else images
 
 
 def _yaml_scalar(value) -> str:
@@ -318,6 +336,9 @@ def _check_settings(s: BenchSettings) -> None:
     if "sft" not in s.losses or set(s.losses) - set(LOSSES):
         raise ConfigError(f"bench step: losses must be among {', '.join(LOSSES)} and include sft (the baseline), "
                           f"got {', '.join(s.losses) or 'none'}")
+    if s.batch_size < 2 or s.batch_size % 2:
+        raise ConfigError(f"bench step: --batch-size must be even (the dpo mode trains batch_size / 2 pairs: the same "
+                          f"images a step as the others), got {s.batch_size}")
     if not s.adapters or set(s.adapters) - {"lora", "full"} or set(s.official) - {"lora", "full"}:
         raise ConfigError(f"bench step: adapters must be lora and/or full, got {', '.join(s.adapters) or 'none'} "
                           f"(official: {', '.join(s.official) or 'none'})")
@@ -337,6 +358,7 @@ def bench_step(s: BenchSettings, progress=None) -> dict:
     memory: dict[tuple[str, str], dict] = {}
     with tempfile.TemporaryDirectory(prefix="dkto-bench-") as tmp:
         data = write_feedback(Path(tmp) / "data", resolution, seed=s.seed)
+        write_pairs_data(data)
 
         def run(adapter: str, loss: str, tag: str, steps: int, is_memory: bool) -> dict:
             """One worker subprocess of one mode."""

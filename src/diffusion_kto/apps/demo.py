@@ -24,6 +24,7 @@ from ..images import image_grid
 from ..provenance import commit, machine
 from ..sampling import generate, load_pipeline
 from ..train import DiffusionKTOTrainer
+from ..train.model_card import add_eval_results
 from ..toy import judges, world
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy-kto.yaml"
@@ -205,6 +206,7 @@ def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained
         "run": {"command": " ".join(["dkto", *sys.argv[1:]]) if sys.argv else "dkto demo",
                 "commit": commit(), "machine": machine()},
     }
+    record_in_card(trained.output_dir, metrics, means, grid, settings)
     report_lib.write_report(
         out, title="diffusion-kto demo: aligning the shapes world to a judge's likes",
         run_info={**metrics["run"], "wall time (s)": metrics["stage_seconds"], "total (s)": metrics["total_seconds"]},
@@ -216,3 +218,19 @@ def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained
                f"seed groups; in each, the median-scored of {n} images per model is compared; ties count half."],
     )
     return metrics
+
+
+def record_in_card(run: Path, metrics: dict, means: dict, grid, settings: DemoSettings) -> Path | None:
+    """Add the demo's evaluation (win rate over the base, mean judge scores, guards, the base-vs-aligned grid) to the
+    trained model's card."""
+    wr = metrics["win_rate"]
+    grid.save(Path(run) / "demo-grid.png")
+    text = (f"`{metrics['run']['command']}` at `{metrics['run']['commit']}` ({metrics['run']['machine']}), judge "
+            f"`{settings.judge}`, {len(world.eval_prompts())} held-out prompts x {settings.groups_per_prompt} seed "
+            f"groups, median of {settings.images_per_prompt} images per comparison.\n\n"
+            f"- win rate over the base: **{wr['rate']:.1%} ± {wr['ci']:.1%}** ({wr['n']} comparisons, ties half)\n"
+            f"- prompt fidelity: {metrics['base']['fidelity']:.3f} (base) -> {metrics['aligned']['fidelity']:.3f}\n"
+            f"- diversity: {metrics['base']['diversity']:.4f} (base) -> {metrics['aligned']['diversity']:.4f}\n\n"
+            f"{winrate.means_table(means).to_markdown()}\n\n![base vs aligned](demo-grid.png)\n\n"
+            "Base (top) and aligned (bottom), the same held-out prompts and seeds.")
+    return add_eval_results(run, "dkto demo", text)

@@ -149,7 +149,7 @@ def _write_summary(out: Path, summary: ConversionSummary, categories: Counter, l
 # ---------------------------------------------------------------------------------------------- Pick-a-Pic
 
 
-def _pickapic_outcomes(label_0: Any, label_1: Any) -> tuple[str, str] | None:
+def pickapic_outcomes(label_0: Any, label_1: Any) -> tuple[str, str] | None:
     """The outcomes of both images of one Pick-a-Pic row, or None for labels that are not 1/0, 0/1 or ½/½."""
     try:
         pair = (float(label_0), float(label_1))
@@ -166,7 +166,7 @@ def _pickapic_skip_reason(record: dict) -> str | None:
         return "missing uid"
     if record["image_0_uid"] == record["image_1_uid"]:
         return "same image twice"
-    if _pickapic_outcomes(record["label_0"], record["label_1"]) is None:
+    if pickapic_outcomes(record["label_0"], record["label_1"]) is None:
         return "invalid label"
     if not isinstance(record["caption"], str) or not record["caption"].strip():
         return "empty caption"
@@ -201,7 +201,7 @@ def pickapic_to_feedback(
         if reason:
             skipped[reason] += 1
             continue
-        outcomes = _pickapic_outcomes(fields["label_0"], fields["label_1"])
+        outcomes = pickapic_outcomes(fields["label_0"], fields["label_1"])
         for side, outcome in zip("01", outcomes):
             uid = str(fields[f"image_{side}_uid"])
             if uid not in tallies:

@@ -108,7 +108,7 @@ class Batch:
     latent_std: torch.Tensor | None = None  # (B, C, h, w)
     original_size: torch.Tensor | None = None  # (B, 2) int64: (height, width) of each image as read
     crop: torch.Tensor | None = None  # (B, 4) int64: (top, left, height, width) of its crop in the resized image
-    stream: tuple[int, ...] | None = None  # data.streaming: (reader, readers, epoch, shard, row) after this batch
+    stream: tuple[int, ...] | None = None  # data.streaming: (reader, readers, epoch, shard, row, skipped) after it
 
     def __len__(self) -> int:
         """The number of samples (images)."""

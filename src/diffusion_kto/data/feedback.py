@@ -34,11 +34,19 @@ class FeedbackSummary:
     n_undesirable: int
     n_skipped: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    pairs: int | None = None  # a source of preference pairs (pairs.py): the pairs kept; n counts both their images
+    dropped: dict[str, int] = field(default_factory=dict)  # rows left out by design, not bad: e.g. Pick-a-Pic ties
 
     def describe(self) -> str:
-        """"117 rows (95 liked, 22 disliked)", then "; skipped 3 of 120 rows: 2 missing image, ..." if any were."""
-        text = f"{self.n} rows ({self.n_desirable} liked, {self.n_undesirable} disliked)"
-        return text + (f"; {skip_summary(self.skipped, self.n + self.n_skipped)}" if self.n_skipped else "")
+        """"117 rows (95 liked, 22 disliked)" or "40 pairs (80 images)", then "; skipped 3 of 120 rows: 2 missing
+        image, ..." if any were, and what was dropped."""
+        if self.pairs is None:
+            text = f"{self.n} rows ({self.n_desirable} liked, {self.n_undesirable} disliked)"
+        else:
+            text = f"{self.pairs} pairs ({self.n} images)"
+        total = (self.n if self.pairs is None else self.pairs) + self.n_skipped + sum(self.dropped.values())
+        text += f"; {skip_summary(self.skipped, total)}" if self.n_skipped else ""
+        return text + "".join(f"; dropped {n} ({why})" for why, n in self.dropped.items())
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -109,6 +117,7 @@ class Screened:
     rows: list[FeedbackRow]
     summary: FeedbackSummary
     skipped: list[BadRow]
+    pairs: list | None = None  # a source of preference pairs: its PreferencePairs (rows: their images, chosen first)
 
 
 def image_problem(row: FeedbackRow) -> BadRow | None:

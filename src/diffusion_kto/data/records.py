@@ -189,7 +189,14 @@ def csv_records(
 
 
 def column_names(path: Path, name: str) -> set[str]:
-    """The keys of the first object of a JSON-lines file, or the header of a CSV file (empty if none)."""
+    """The keys of the first object of a JSON-lines file, the header of a CSV file, or the columns of a parquet file
+    (empty if none)."""
+    if path.suffix.lower() == ".parquet":
+        pq = optional_module("pyarrow.parquet", "reading parquet")
+        try:
+            return set(pq.read_schema(path).names)
+        except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a broken file
+            raise FeedbackError(f"{name}: cannot read parquet ({first_line(err)})") from None
     delimiter = _DELIMITERS.get(path.suffix.lower())
     if delimiter:
         text = _decode(read_bytes(path, name), name)

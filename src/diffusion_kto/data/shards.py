@@ -4,7 +4,9 @@ A tar shard holds one sample per key, its members next to each other: ``{key}.pn
 with the encoded image and ``{key}.json`` with the feedback row's other fields, ``{"prompt": ..., "label": ...}``
 (the column names of ``data.prompt_column`` / ``data.label_column``; labels as anywhere else). As in webdataset,
 the key is the member path up to the first dot of its file name. A parquet shard holds the usual image, prompt and
-label columns. Every problem is a `FeedbackError` naming the shard and the key (tar) or the 0-based row (parquet).
+label columns. Every problem names the shard and the key (tar) or the 0-based row (parquet): a problem of one sample
+is a `BadRow` (`shard_entries`; `data.on_bad_row=skip` passes over it while streaming) or, read with `read_shard`, a
+`FeedbackError`; a shard that cannot be read at all is always a `FeedbackError`.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from pathlib import Path
 
 from .output import image_suffix, prepare_out_dir
 from .records import Columns, feedback_entries, missing_key, parquet_records
-from .rows import FEEDBACK_OPTIONS, FeedbackError, FeedbackRow, first_line, make_row, or_raise
+from .bad_rows import BadRow
+from .rows import FEEDBACK_OPTIONS, Entry, FeedbackError, FeedbackRow, first_line, make_row, or_raise
 
 SHARD_SUFFIXES = (".tar", ".parquet")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif", "img")
@@ -69,10 +72,16 @@ def list_shards(pattern: str | Path) -> list[Path]:
 
 
 def read_shard(path: Path, columns: tuple[str, str, str], skip: int = 0) -> Iterator[FeedbackRow]:
-    """The feedback rows of one shard in order, after the first `skip` (skipped tar samples are not read)."""
+    """The feedback rows of one shard in order, after the first `skip`; a bad sample stops it with its error."""
+    return map(or_raise, shard_entries(path, columns, skip))
+
+
+def shard_entries(path: Path, columns: tuple[str, str, str], skip: int = 0) -> Iterator[Entry]:
+    """The feedback row, or the BadRow saying what is wrong with it, of every sample of one shard in order, after the
+    first `skip` (skipped tar samples are not read). A shard that cannot be read at all is a FeedbackError."""
     if path.suffix == ".parquet":
         records = parquet_records(path, str(path), Columns(columns, options=FEEDBACK_OPTIONS), path.parent)
-        yield from map(or_raise, feedback_entries(itertools.islice(records, skip, None), columns))
+        yield from feedback_entries(itertools.islice(records, skip, None), columns)
         return
     for index, (key, members) in enumerate(_tar_samples(path)):
         if index >= skip:
@@ -103,26 +112,27 @@ def _tar_samples(path: Path) -> Iterator[tuple[str, dict]]:
         raise FeedbackError(f"{path}: cannot read tar shard ({first_line(err)})") from None
 
 
-def _tar_row(path: Path, key: str, members: dict[str, bytes], columns: tuple[str, str, str]) -> FeedbackRow:
-    """The feedback row of one tar sample: the image member plus the prompt and label from its .json member."""
+def _tar_row(path: Path, key: str, members: dict[str, bytes], columns: tuple[str, str, str]) -> Entry:
+    """The feedback row of one tar sample (the image member plus the prompt and label from its .json member), or the
+    BadRow saying what is wrong with it."""
     image_column, prompt_column, label_column = columns
     where = f"{path}:{key}"
     listed = ", ".join(f"{key}.{ext}" for ext in members)
     images = [ext for ext in IMAGE_EXTENSIONS if ext in members]
     if not images:
-        raise FeedbackError(f"{where}: no image member ({key}.png, .jpg, ...); members: {listed}")
+        return BadRow(where, "missing image", f"no image member ({key}.png, .jpg, ...); members: {listed}")
     if "json" not in members:
-        raise FeedbackError(f"{where}: no {key}.json member with the prompt and label; members: {listed}")
+        return BadRow(where, "malformed row", f"no {key}.json member with the prompt and label; members: {listed}")
     try:
         record = json.loads(members["json"].decode("utf-8"))
     except (ValueError, RecursionError) as err:
-        raise FeedbackError(f"{where}: {key}.json is not valid JSON ({first_line(err)})") from None
+        return BadRow(where, "malformed row", f"{key}.json is not valid JSON ({first_line(err)})")
     if not isinstance(record, dict):
-        raise FeedbackError(f"{where}: {key}.json must hold an object {{...}}, got {type(record).__name__}")
+        return BadRow(where, "malformed row", f"{key}.json must hold an object {{...}}, got {type(record).__name__}")
     missing = missing_key(record, (prompt_column, label_column))
     if missing:
-        raise FeedbackError(f"{where}: {key}.json: {missing}")
-    return or_raise(make_row({**record, image_column: members[images[0]]}, where, columns, None))
+        return BadRow(where, "missing key", f"{key}.json: {missing}")
+    return make_row({**record, image_column: members[images[0]]}, where, columns, None)
 
 
 # ---------------------------------------------------------------------------------------------- writing

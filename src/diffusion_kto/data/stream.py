@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import astuple, dataclass, replace
 from pathlib import Path
@@ -33,10 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch.utils.data
 
+from .bad_rows import BadRow
 from .dataset import Batch, ItemTransform, collate
+from .feedback import image_problem
 from .rows import FeedbackError, FeedbackRow
 from .sampler import BLOCK, liked_draws
-from .shards import read_shard
+from .shards import shard_entries
 
 logger = logging.getLogger(__name__)
 
@@ -74,20 +77,39 @@ def check_readers(n_shards: int, readers: int, source: str) -> None:
 
 
 def read_stream(shards: Sequence[Path], columns: tuple[str, str, str], *, seed: int, reader: int, readers: int,
-                start: Cursor = Cursor()) -> Iterator[tuple[FeedbackRow, Cursor]]:
-    """One reader's rows, epoch after epoch without end, from `start`; each with the cursor just after it."""
-    cursor = start
+                start: Cursor = Cursor(), skip_bad: bool = False, skipped: Counter | None = None
+                ) -> Iterator[tuple[FeedbackRow, Cursor]]:
+    """One reader's rows, epoch after epoch without end, from `start`; each with the cursor just after it.
+
+    A bad row (a broken sample, an unknown label, an empty prompt, with `skip_bad` also an image that does not decode)
+    stops the stream with its FeedbackError naming shard and row; with `skip_bad` (data.on_bad_row=skip) it is logged,
+    counted by reason in `skipped` (each time a reader meets it: once per epoch) and passed over."""
+    cursor, skipped = start, Counter() if skipped is None else skipped
     while True:
         mine = reader_shards(shards, seed, cursor.epoch, reader, readers)
         empty = True
         for position in range(cursor.shard, len(mine)):
             skip = cursor.row if position == cursor.shard else 0
-            for n, row in enumerate(read_shard(mine[position], columns, skip), start=skip + 1):
+            for n, entry in enumerate(shard_entries(mine[position], columns, skip), start=skip + 1):
+                if skip_bad and isinstance(entry, FeedbackRow):
+                    entry = image_problem(entry) or entry
+                if isinstance(entry, BadRow):
+                    _skip(entry, skip_bad, skipped)
+                    continue
                 empty = False
-                yield row, Cursor(cursor.epoch, position, n)
+                yield entry, Cursor(cursor.epoch, position, n)
         if empty and cursor == Cursor(cursor.epoch):
-            raise FeedbackError(f"{', '.join(map(str, mine))}: no feedback rows in these shards (reader {reader})")
+            bad = f" ({sum(skipped.values())} bad rows skipped)" if skipped else ""
+            raise FeedbackError(f"{', '.join(map(str, mine))}: no feedback rows in these shards (reader {reader}){bad}")
         cursor = Cursor(cursor.epoch + 1)
+
+
+def _skip(bad: BadRow, skip_bad: bool, skipped: Counter) -> None:
+    """Count and log a bad row met by a reader (data.on_bad_row=skip), or raise it as a FeedbackError."""
+    if not skip_bad:
+        raise FeedbackError(str(bad))
+    skipped[bad.reason] += 1
+    logger.warning("data.on_bad_row=skip: skipped %s", bad)
 
 
 class ClassBuffers:
@@ -141,6 +163,13 @@ def start_cursor(state: dict | None, reader: int, readers: int) -> Cursor:
     return Cursor(min(int(c[0]) for c in cursors.values()))
 
 
+def start_skipped(state: dict | None, reader: int, readers: int) -> int:
+    """The bad rows a resumed reader had skipped (0 when the reader layout changed or nothing was recorded)."""
+    if not state or state.get("readers") != readers:
+        return 0
+    return int(state.get("skipped", {}).get(str(reader), 0))
+
+
 class StreamingFeedbackDataset(torch.utils.data.IterableDataset):
     """Endless training items from shards, liked with probability γ: this rank's micro-batches, one after another."""
 
@@ -158,9 +187,11 @@ class StreamingFeedbackDataset(torch.utils.data.IterableDataset):
         resume: dict | None = None,
         columns: tuple[str, str, str] = ("image", "prompt", "label"),
         source: str = "",
+        skip_bad: bool = False,
         **transform,
     ):
-        """Keep the shard list, the draw layout (as `DesirableSampler`), the resume state and the transform."""
+        """Keep the shard list, the draw layout (as `DesirableSampler`), the resume state, whether bad rows are
+        skipped (data.on_bad_row=skip, see `read_stream`) and the transform."""
         super().__init__()
         if not shards:
             raise FeedbackError(f"{source or 'data.path'}: no shards")
@@ -173,7 +204,7 @@ class StreamingFeedbackDataset(torch.utils.data.IterableDataset):
         self.source = source or str(self.shards[0].parent)
         self.desirable_ratio, self.buffer_size = float(desirable_ratio), int(buffer_size)
         self.batch_size, self.seed, self.rank, self.world_size = int(batch_size), int(seed), int(rank), int(world_size)
-        self.start_step, self.resume = int(start_step), resume
+        self.start_step, self.resume, self.skip_bad = int(start_step), resume, bool(skip_bad)
         self.transform = ItemTransform(seed=self.seed, **transform)  # crops, flips, dropout keyed by (seed, k) too
 
     def __iter__(self) -> Iterator[dict]:
@@ -183,7 +214,9 @@ class StreamingFeedbackDataset(torch.utils.data.IterableDataset):
         reader, readers = self.rank * workers + worker, self.world_size * workers
         check_readers(len(self.shards), readers, self.source)
         start = start_cursor(self.resume, reader, readers)
-        stream = read_stream(self.shards, self.columns, seed=self.seed, reader=reader, readers=readers, start=start)
+        skipped = Counter({"before": start_skipped(self.resume, reader, readers)})
+        stream = read_stream(self.shards, self.columns, seed=self.seed, reader=reader, readers=readers, start=start,
+                             skip_bad=self.skip_bad, skipped=skipped)
         buffers = ClassBuffers(stream, self.buffer_size, start=start, source=f"{self.source} (reader {reader})")
         liked: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=bool))
         global_batch = self.batch_size * self.world_size
@@ -193,9 +226,11 @@ class StreamingFeedbackDataset(torch.utils.data.IterableDataset):
                 if liked[0] != k // BLOCK:
                     liked = (k // BLOCK, liked_draws(self.seed, k // BLOCK, self.desirable_ratio))
                 row = buffers.take(bool(liked[1][k % BLOCK]), _generator(self.seed, _DRAW_TAG, k))
-                yield {**self.transform(row, -1, k), "stream": (reader, readers, *astuple(buffers.cursor))}
+                yield {**self.transform(row, -1, k),
+                       "stream": (reader, readers, *astuple(buffers.cursor), sum(skipped.values()))}
 
 
 def collate_stream(batch: Sequence[dict]) -> Batch:
-    """`collate`, plus ``stream``: (reader, readers, epoch, shard, row), the cursor of the reader after this batch."""
+    """`collate`, plus ``stream``: (reader, readers, epoch, shard, row, skipped), the cursor of the reader after this
+    batch and the bad rows it has skipped so far."""
     return replace(collate(batch), stream=tuple(batch[-1]["stream"]))

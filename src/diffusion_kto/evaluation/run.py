@@ -380,6 +380,7 @@ def write_eval_report(settings: EvalSettings, prompts: PromptSet, seeds: np.ndar
                             results=results, notes=notes)
     results["_tables"] = {"winrates": winrate.winrate_table(comps).to_markdown() if comps else "",
                           "means": winrate.means_table(means).to_markdown()}
+    results["_comparisons"], results["_means"] = comps, means
     return results
 
 
@@ -406,4 +407,30 @@ def run_eval(settings: EvalSettings) -> dict:
     settings.timings["score"] = round(time.perf_counter() - start, 1)
     results = write_eval_report(settings, prompts, seeds, metrics, scores, generation, reused)
     results["score_cache_hits"] = reused
+    results["cards"] = [str(card) for card in record_in_cards(settings, prompts, results)]
     return results
+
+
+def record_in_cards(settings: EvalSettings, prompts: PromptSet, results: dict) -> list[Path]:
+    """Add the win rates and mean scores of every evaluated run that has a model card (its README.md, written by
+    `dkto train`) to that card; the cards updated."""
+    from ..train.model_card import add_eval_results
+
+    comps, cards = results["_comparisons"], []
+    for spec in settings.models:
+        adapter = Path(spec.lora or spec.unet or "")
+        mine = [c for c in comps if spec.name in (c.a, c.b)]
+        if not (spec.lora or spec.unet) or not mine:
+            continue
+        means = {m: per for m, per in results["_means"].items() if m in {*(c.a for c in mine), *(c.b for c in mine)}}
+        text = (f"`{results['run']['command']}` at `{results['run']['commit']}`: {len(prompts)} prompts of "
+                f"{prompts.source}, {settings.images_per_prompt} images per prompt per model, the same seeds for "
+                f"every model; this run is `{spec.name}`.\n\n{winrate.winrate_table(mine).to_markdown()}\n\n"
+                f"{winrate.means_table(means).to_markdown()}")
+        for folder in (adapter, adapter.parent):  # a run folder, or the file / unet/ folder inside it
+            card = add_eval_results(folder, f"dkto eval ({prompts.name})", text)
+            if card is not None:
+                print(f"[eval] added the results to {card}", flush=True)
+                cards.append(card)
+                break
+    return cards

@@ -1,20 +1,25 @@
 """Crash-safe checkpoints: written to a temporary folder, then renamed into place, rotated, with a manifest.
 
 A checkpoint folder ``checkpoint-<step>`` holds ``weights.safetensors`` (trainable weights), ``optimizer.pt`` and
-``scheduler.pt`` (loaded with ``weights_only=True``), ``state.json`` (step and counters) and ``manifest.json``
-(step, resolved config, package versions, file hashes). A folder without a valid manifest is incomplete."""
+``scheduler.pt`` (the LR schedule, and every process's random states and metrics not yet logged; both loaded with
+``weights_only=True``), ``state.json`` (step, micro-step and counters) and ``manifest.json`` (step, resolved config,
+package versions, file hashes). A folder without a valid manifest is incomplete."""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +156,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint {path} is incomplete or corrupt (manifest missing or file hashes differ)")
     return {
         "weights": load_file(str(path / "weights.safetensors")),
-        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
-        "scheduler": torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True),
+        "optimizer": _load_plain(path / "optimizer.pt"),
+        "scheduler": _load_plain(path / "scheduler.pt"),
         "state": json.loads((path / "state.json").read_text()),
         "manifest": json.loads((path / MANIFEST).read_text()),
     }
+
+
+def _load_plain(path: Path) -> Any:
+    """A ``torch.save`` file of tensors and plain values, loaded with ``weights_only=True``: a file that holds any
+    other pickled object is refused before that object's code can run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+        what = f"e.g. {found.group(1)}" if found else "not only tensors and plain values"
+        raise CheckpointError(
+            f"train.resume: {path.parent}: {path.name} holds pickled Python objects ({what}); refusing to load it "
+            "(torch.load with weights_only=True). Resume from a checkpoint this project wrote, or start without "
+            "train.resume") from None
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that train.resume names cannot be used safely; the message names the file."""

@@ -20,11 +20,13 @@ class StepGuard:
     bad_in_a_row: int = 0
     overflow_in_a_row: int = 0
 
-    def bad_step(self, step: int) -> None:
-        """Count a non-finite loss or gradient at ``step``; stop after too many in a row (last checkpoint intact)."""
+    def bad_step(self, step: int, why: str = "non-finite loss or gradient") -> None:
+        """Count a skipped optimizer step (``why``: what was not finite); stop after too many in a row (last checkpoint
+        intact)."""
         self.skipped += 1
         self.bad_in_a_row += 1
-        log.warning("non-finite loss or gradient at step %d: step skipped (%d so far)", step, self.skipped)
+        log.warning("%s at step %d: step skipped, its whole accumulation window dropped (%d skipped so far)",
+                    why, step, self.skipped)
         if self.bad_in_a_row >= MAX_BAD_STEPS:
             raise FloatingPointError(
                 f"{self.bad_in_a_row} consecutive non-finite steps at step {step}; stopping. "
@@ -45,3 +47,12 @@ class StepGuard:
     def good_step(self) -> None:
         """An optimizer step was taken: the runs of bad and overflowed steps end."""
         self.bad_in_a_row = self.overflow_in_a_row = 0
+
+
+def window_problem(bad: list[int], window: int) -> str | None:
+    """What was not finite in an accumulation window of ``window`` micro-steps whose micro-steps ``bad`` (1-based) had a
+    non-finite loss, e.g. "non-finite loss at micro-step 1 of 2"; None when every loss was finite."""
+    if not bad:
+        return None
+    which = ", ".join(map(str, bad))
+    return f"non-finite loss at micro-step{'s' if len(bad) > 1 else ''} {which} of {window}"

@@ -13,8 +13,9 @@ from ..config import Config, ConfigError
 from ..data import BadRow, Screened, read_feedback, screen_feedback
 from ..data.bad_rows import SKIPPED_ROWS_FILE, write_skipped_rows
 from ..data.feedback import image_problem
+from ..data.pairs import load_pairs, pair_format
 from ..data.rows import FeedbackError
-from ..data.shards import list_shards, read_shard
+from ..data.shards import list_shards, shard_entries
 from ..objectives import objective_class
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,18 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def load_feedback(cfg: Config) -> Screened:
-    """Read and validate the feedback rows named by ``data.*`` before any model loads (bad rows: data.on_bad_row)."""
+    """Read and validate the feedback rows named by ``data.*`` before any model loads (bad rows: data.on_bad_row);
+    a source of preference pairs (data/pairs.py, told by its columns) is read as pairs, for a paired objective."""
     if cfg.data.path is None:
         raise ConfigError("data.path: no feedback data given (a JSONL / CSV / parquet file, an image folder, or a dataset)")
+    kind = pair_format(cfg.data.path, cfg.data.prompt_column)
+    if kind is not None:
+        if not objective_class(cfg.loss.name).paired:
+            raise FeedbackError(
+                f"{cfg.data.path}: holds preference pairs ({kind} columns), but loss.name={cfg.loss.name} trains on "
+                "per-image likes and dislikes: train them with loss.name=dpo, or make per-image feedback first "
+                "(dkto convert pairs, or dkto convert pickapic)")
+        return load_pairs(cfg.data.path, prompt_column=cfg.data.prompt_column, skip=cfg.data.on_bad_row == "skip")
     bad_rows: list[BadRow] = []
     rows = read_feedback(
         cfg.data.path,
@@ -50,15 +60,19 @@ def write_data_report(cfg: Config, screened: Screened, out: Path, overlong_promp
 
 
 def open_stream(cfg: Config) -> list[Path]:
-    """The shards named by ``data.path`` (data.streaming), their first row read and its image checked."""
+    """The shards named by ``data.path`` (data.streaming), their first row read and its image checked (with
+    data.on_bad_row=skip: the first good row of the first shard)."""
     if cfg.data.path is None:
         raise ConfigError("data.path: no shards given (a folder of .tar / .parquet shards, a glob, or train-{000..009}.tar)")
     shards = list_shards(cfg.data.path)
     columns = (cfg.data.image_column, cfg.data.prompt_column, cfg.data.label_column)
-    first = next(read_shard(shards[0], columns), None)
-    if first is None:
+    bad = None
+    for entry in shard_entries(shards[0], columns):
+        bad = entry if isinstance(entry, BadRow) else image_problem(entry)
+        if bad is None:
+            return shards
+        if cfg.data.on_bad_row != "skip":
+            raise FeedbackError(str(bad))
+    if bad is None:
         raise FeedbackError(f"{shards[0]}: shard holds no feedback rows")
-    problem = image_problem(first)
-    if problem:
-        raise FeedbackError(f"{first.where}: {problem}")
-    return shards
+    return shards  # data.on_bad_row=skip and every row of the first shard is bad: the readers look further

@@ -15,13 +15,15 @@ class StreamPosition:
 
     def __init__(self) -> None:
         self.cursors: dict[str, list[int]] = {}
+        self.skipped: dict[str, int] = {}  # reader id -> bad rows it skipped (data.on_bad_row=skip)
         self.readers: int | None = None
 
     def note(self, batch: Batch) -> None:
-        """Remember where the reader of a streamed batch stood after it."""
+        """Remember where the reader of a streamed batch stood after it, and how many bad rows it had skipped."""
         if batch.stream is not None:
-            reader, readers, *cursor = batch.stream
+            reader, readers, *cursor, skipped = batch.stream
             self.cursors[str(reader)] = [int(c) for c in cursor]
+            self.skipped[str(reader)] = int(skipped)
             self.readers = int(readers)
 
     def keep(self, state: dict | None, path: Path, *, process: int, processes: int, workers: int) -> None:
@@ -31,16 +33,20 @@ class StreamPosition:
         if state and state.get("readers") == processes * workers:
             mine = {str(process * workers + w) for w in range(workers)}
             self.cursors = {k: list(v) for k, v in state["cursors"].items() if k in mine}
+            self.skipped = {k: int(v) for k, v in state.get("skipped", {}).items() if k in mine}
             self.readers = state["readers"]
 
     def state(self) -> dict:
-        """The readers' cursors of every process (a collective call: every process must make it)."""
+        """The readers' cursors and skipped-row counts of every process (a collective call: every process must make
+        it)."""
         from accelerate.utils import gather_object
 
         cursors: dict[str, list[int]] = {}
-        for part in gather_object([self.cursors]):
+        skipped: dict[str, int] = {}
+        for part, counts in gather_object([(self.cursors, self.skipped)]):
             cursors.update(part)
-        return {"readers": self.readers, "cursors": cursors}
+            skipped.update(counts)
+        return {"readers": self.readers, "cursors": cursors, "skipped": skipped}
 
 
 def _warn_layout(state: dict | None, readers: int, path: Path) -> None:

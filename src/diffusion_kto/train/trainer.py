@@ -26,11 +26,12 @@ from ..data.stream import StreamingFeedbackDataset, check_readers, collate_strea
 from ..models import DiffusionFamily, load_family
 from ..models.base import Conditioning
 from ..objectives import build_objective
-from . import checkpoint
+from . import checkpoint, rng
 from .distributed import fsdp, require_same_optimizer_layout, setup_accelerator, zero
-from .guards import StepGuard
+from .guards import StepGuard, window_problem
 from .inputs import DTYPES, load_feedback, open_stream, write_data_report
 from .metrics import MetricsFile, TrainResult, flat_config, postfix, reduce_window, require_tracker, write_summary
+from .model_card import CARD_GRID, RunFacts, card_prompts, write_model_card
 from .optim import build_lr_scheduler, build_optimizer
 from .precompute import cache_key
 from .streaming import StreamPosition
@@ -98,6 +99,10 @@ class DiffusionKTOTrainer:
         self.global_step = 0  # optimizer steps taken
         self.micro_step = 0  # micro-batches seen: the clock of the objective's plan (loss.reference_every)
         self.guard = StepGuard()
+        self.window_bad: list[int] = []  # micro-steps (1-based) of the current accumulation window that were non-finite
+        self.window: list[dict[str, float]] = []  # metrics of the micro-steps since the last log row (checkpointed)
+        self.stream_skipped: int | None = None  # data.streaming: bad rows its readers skipped (data.on_bad_row=skip)
+        self.card_grid: Path | None = None  # the model card's sample grid
         self.stream = StreamPosition()
         self._stream_resume: dict | None = None
         self.metrics_file = MetricsFile(self.out / "metrics.jsonl", enabled=self.accelerator.is_main_process)
@@ -165,12 +170,13 @@ class DiffusionKTOTrainer:
             dataset, collate_fn = StreamingFeedbackDataset(
                 self.shards, desirable_ratio=ratio, buffer_size=cfg.data.stream_buffer, batch_size=cfg.train.batch_size,
                 rank=acc.process_index, world_size=acc.num_processes, start_step=start_step,
-                resume=self._stream_resume, source=cfg.data.path,
+                resume=self._stream_resume, source=cfg.data.path, skip_bad=cfg.data.on_bad_row == "skip",
                 columns=(cfg.data.image_column, cfg.data.prompt_column, cfg.data.label_column), **transform,
             ), collate_stream
         else:
-            if self.objective.paired:
-                pairs = feedback_to_pairs(self.rows, cfg.data.max_pairs_per_prompt, seed=cfg.train.seed)
+            if self.objective.paired:  # the pairs of paired data as given, else formed from same-prompt rows
+                pairs = getattr(self.screened, "pairs", None) or \
+                    feedback_to_pairs(self.rows, cfg.data.max_pairs_per_prompt, seed=cfg.train.seed)
                 dataset, collate_fn = PairDataset(pairs, cache=self.cache, **transform), collate_pairs
                 desirable = [True] * len(pairs)  # the sampler draws pairs
             else:
@@ -182,6 +188,7 @@ class DiffusionKTOTrainer:
             dataset, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate_fn,
             num_workers=cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
             persistent_workers=cfg.data.num_workers > 0,
+            generator=torch.Generator().manual_seed(cfg.train.seed),  # its workers' seeds: not from the global RNG
         )
 
     # ---------------------------------------------------------------------------------------- one step
@@ -210,8 +217,14 @@ class DiffusionKTOTrainer:
         loss = out.losses.mean()
         metrics = {**out.metrics, "policy_err": errors.policy.detach().mean().item()}
         finite = acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum").item() == acc.num_processes
-        if finite:
+        if not finite:  # the whole accumulation window will be skipped (optimizer_step)
+            self.window_bad.append(self.micro_step % self.cfg.train.grad_accum + 1)
+        if not self.window_bad:
             acc.backward(loss)
+        elif acc.sync_gradients and not self.deepspeed:
+            # a gradient-synchronising forward must be followed by a backward (DDP's reducer and FSDP's hooks wait for
+            # it); its gradients are dropped with the window's. DeepSpeed gets a NaN one at the boundary instead.
+            acc.backward(loss * 0.0)
         metrics["loss"] = loss.detach().item()
         metrics["finite"] = float(finite)
         self.micro_step += 1
@@ -230,22 +243,24 @@ class DiffusionKTOTrainer:
         return result
 
     def optimizer_step(self, result: StepOutput) -> bool:
-        """Clip, step and zero the optimizer at accumulation boundaries (after a backward); skip non-finite steps
-        (counted). Returns True when an optimizer step was taken."""
+        """Clip, step and zero the optimizer at accumulation boundaries (after a backward). A window with a non-finite
+        micro-step, or a non-finite gradient norm (checked with clipping off too), is skipped whole and counted.
+        Returns True when an optimizer step was taken."""
         acc = self.accelerator
-        bad = not result.metrics["finite"]
         if not acc.sync_gradients:
             return False
+        bad, self.window_bad = self.window_bad, []
+        why = window_problem(bad, self.cfg.train.grad_accum)
         if self.deepspeed:
-            return self._deepspeed_step(result)
-        if self.cfg.optim.max_grad_norm > 0 and not bad:
-            norm = acc.clip_grad_norm_(self.family.trainable_parameters(), self.cfg.optim.max_grad_norm)
+            return self._deepspeed_step(result, why)
+        if not bad:  # max_grad_norm 0: clip at infinity, which still computes the norm (and unscales under fp16)
+            norm = acc.clip_grad_norm_(self.family.trainable_parameters(), self.cfg.optim.max_grad_norm or math.inf)
             result.metrics["grad_norm"] = float(norm)
             # fp16: an overflow of the *scaled* gradients is the scaler's to handle (its step skips and backs off)
-            bad = not math.isfinite(float(norm)) and acc.scaler is None
-        if bad:
+            why = "non-finite gradient norm" if not math.isfinite(float(norm)) and acc.scaler is None else None
+        if why:
             self.optimizer.zero_grad(set_to_none=True)
-            self.guard.bad_step(self.global_step + 1)
+            self.guard.bad_step(self.global_step + 1, why)
             return False
         self.optimizer.step()
         if self.optimizer.step_was_skipped:  # fp16: the scaler found inf/NaN gradients and lowered its scale
@@ -255,18 +270,18 @@ class DiffusionKTOTrainer:
         self._stepped(result)
         return True
 
-    def _deepspeed_step(self, result: StepOutput) -> bool:
+    def _deepspeed_step(self, result: StepOutput, why: str | None) -> bool:
         """The accumulation boundary under DeepSpeed, whose engine has clipped (optim.max_grad_norm) and stepped inside
         ``accelerator.backward``, or skipped the step and zeroed the gradients when their norm was not finite (ZeRO-2,
-        fp32). A non-finite loss skipped its backward; a NaN one is run instead, so that the engine discards the
-        window's earlier gradients the same way. Either skip is counted as under DDP."""
+        fp32). A window with a non-finite micro-step ran no backward at its boundary; a NaN one is run instead, so that
+        the engine discards the window's earlier gradients the same way. Either skip is counted as under DDP."""
         engine = self.family.trainable_module()
-        if not result.metrics["finite"]:
+        if why:
             self.accelerator.backward(zero.poison(self.family.trainable_parameters()))
         norm = engine.get_global_grad_norm()  # None only with zero_optimization.compute_grad_norm=false
         result.metrics["grad_norm"] = math.nan if norm is None else float(norm)
         if self.optimizer.step_was_skipped:
-            self.guard.bad_step(self.global_step + 1)
+            self.guard.bad_step(self.global_step + 1, why or "non-finite gradient norm")
             return False
         self._stepped(result)
         return True
@@ -297,10 +312,9 @@ class DiffusionKTOTrainer:
         """Run to train.max_steps optimizer steps: log, validate, checkpoint, then export."""
         cfg, acc = self.cfg, self.accelerator
         self._start()
-        loader = iter(self.loader(self.global_step * cfg.train.grad_accum))
+        loader = iter(self.loader(self.micro_step))  # global_step x grad_accum unless windows were skipped
         bar = tqdm(total=cfg.train.max_steps, initial=self.global_step, desc="train",
                    disable=not acc.is_local_main_process)
-        window: list[dict[str, float]] = []
         start, start_step, waited = time.perf_counter(), self.global_step, 0.0
         while self.global_step < cfg.train.max_steps:
             for _ in range(cfg.train.grad_accum):
@@ -309,18 +323,20 @@ class DiffusionKTOTrainer:
                 wait = time.perf_counter() - fetch
                 waited += wait
                 result = self.step(batch)
-                window.append({**result.metrics, "data_wait_ms": wait * 1000})
+                self.window.append({**result.metrics, "data_wait_ms": wait * 1000})
             if not result.stepped:
                 continue
             self.global_step += 1
             bar.update(1)
             if self.global_step % cfg.log.every == 0 or self.global_step == cfg.train.max_steps:
-                bar.set_postfix(postfix(self._log(window)))
-                window = []
+                bar.set_postfix(postfix(self._log(self.window)))
+                if self.global_step % cfg.log.every == 0:  # a run's last row keeps them for a checkpoint (resume)
+                    self.window = []
             self._every(cfg.log.validation_every, self.write_validation_images)
             self._every(cfg.train.checkpoint_every, self.save_checkpoint)
         bar.close()
         seconds = time.perf_counter() - start
+        self.stream_skipped = sum(self.stream.state()["skipped"].values()) if self.shards else None  # collective
         exported = self._finish()
         images = (self.global_step - start_step) * cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
         result = TrainResult(self.out, self.global_step, exported, seconds, images / max(seconds, 1e-9),
@@ -336,16 +352,23 @@ class DiffusionKTOTrainer:
 
     def _log(self, window: list[dict[str, float]]) -> dict[str, float]:
         """Average the window's metrics over micro-steps and processes, and write them everywhere asked."""
-        metrics = {**reduce_window(self.accelerator, window), "skipped_steps": float(self.guard.skipped)}
+        metrics = {**reduce_window(self.accelerator, window), "skipped_steps": float(self.guard.skipped),
+                   "nonfinite_micro_steps": float(sum(not m.get("finite", 1.0) for m in window))}
         self.metrics_file.write(self.global_step, metrics)
         if self.cfg.log.report_to != "none":
             self.accelerator.log(metrics, step=self.global_step)
         return metrics
 
     def write_summary(self, result: TrainResult) -> None:
-        """``summary.json`` of a finished run (main process), with the fp16 skips and what was cached."""
+        """``summary.json`` and the model card ``README.md`` of a finished run (main process)."""
+        stream = {} if self.stream_skipped is None else {"stream_skipped_rows": self.stream_skipped}
         write_summary(self.out, result, scaler_skipped_steps=self.guard.scaler_skipped,
-                      cached_latents=self.cache is not None, cached_text=self.text_cache is not None)
+                      cached_latents=self.cache is not None, cached_text=self.text_cache is not None, **stream)
+        rows = None if self.rows is None else (sum(r.desirable for r in self.rows), sum(not r.desirable for r in self.rows))
+        if result.main_process:
+            write_model_card(self.out, self.cfg, RunFacts(
+                result.steps, result.exported, self.accelerator.num_processes, result.data, rows, self.stream_skipped,
+                self.card_grid, result.skipped_steps))
 
     def _finish(self) -> list[str]:
         """Final checkpoint (if checkpointing is on), validation images, and the diffusers export."""
@@ -354,25 +377,37 @@ class DiffusionKTOTrainer:
             self.save_checkpoint()
         if cfg.log.validation_every and self.global_step % cfg.log.validation_every:
             self.write_validation_images()
+        self.card_grid = self._card_grid()
         model_state = self._whole_model_state()
         exported = self.family.export(str(self.out), model_state) if acc.is_main_process else []
         acc.wait_for_everyone()
         acc.end_training()
         return exported
 
-    def write_validation_images(self) -> Path | None:
-        """Policy and reference images for log.validation_prompts with the same seeds, side by side."""
+    def _card_grid(self) -> Path | None:
+        """The model card's sample grid: the last validation grid, else one drawn now (collective under FSDP)."""
+        cfg = self.cfg
+        if cfg.log.validation_every and cfg.log.validation_prompts:
+            return self.out / "validation" / f"step-{self.global_step:08d}.png"
+        prompts = card_prompts(cfg, self.rows, self._components())
+        return self.write_validation_images(prompts, self.out / CARD_GRID) if prompts else None
+
+    def write_validation_images(self, prompts: list[str] | None = None, path: Path | None = None) -> Path | None:
+        """Policy and reference images for log.validation_prompts (or ``prompts``, into ``path``) with the same seeds,
+        side by side."""
         from ..sampling import generate_pair_grid
 
         cfg, acc = self.cfg, self.accelerator
-        if not cfg.log.validation_prompts or not (acc.is_main_process or self.fsdp):
+        prompts = cfg.log.validation_prompts if prompts is None else prompts
+        if not prompts or not (acc.is_main_process or self.fsdp):
             return None  # under FSDP every process samples: each forward gathers the network's shards from all of them
-        prompts = [self.objective.sampling_prompt(p) for p in cfg.log.validation_prompts]
-        grid = generate_pair_grid(self.family, prompts, seed=cfg.train.seed, steps=cfg.log.validation_steps,
-                                  guidance=cfg.log.validation_guidance, resolution=cfg.data.resolution)
+        prompts = [self.objective.sampling_prompt(p) for p in prompts]
+        with acc.autocast():  # bf16 / fp16: the VAE and text encoder hold the compute dtype, the trained network fp32
+            grid = generate_pair_grid(self.family, prompts, seed=cfg.train.seed, steps=cfg.log.validation_steps,
+                                      guidance=cfg.log.validation_guidance, resolution=cfg.data.resolution)
         if not acc.is_main_process:
             return None
-        path = self.out / "validation" / f"step-{self.global_step:08d}.png"
+        path = path or self.out / "validation" / f"step-{self.global_step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
         return path
@@ -381,14 +416,18 @@ class DiffusionKTOTrainer:
 
     def save_checkpoint(self) -> Path | None:
         """Write a resumable checkpoint (main process), atomically; every process waits for it."""
+        from accelerate.utils import gather_object
+
         acc = self.accelerator
         stream = self.stream.state() if self.shards else None  # collective
         weights, optimizer = self._gather_states()
+        processes = gather_object([{"rng": rng.capture(), "window": self.window}])  # collective: every process's
         path = None
         if acc.is_main_process:
             path = checkpoint.save_checkpoint(
                 self.out / "checkpoints", self.global_step, weights=weights, optimizer=optimizer,
-                scheduler={"lr_scheduler": self.lr_scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
+                scheduler={"lr_scheduler": self.lr_scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                           "processes": processes},
                 state=self._counters(stream), config=to_dict(self.cfg), keep=self.cfg.train.keep_checkpoints,
             )
         acc.wait_for_everyone()
@@ -397,7 +436,8 @@ class DiffusionKTOTrainer:
     def _counters(self, stream: dict | None) -> dict:
         """The JSON state of a checkpoint: step, skip counts, the objective's state, stream position, fp16 scaler."""
         scaler = self.accelerator.scaler
-        return {"step": self.global_step, "skipped": self.guard.skipped, "scaler_skipped": self.guard.scaler_skipped,
+        return {"step": self.global_step, "micro_step": self.micro_step, "skipped": self.guard.skipped,
+                "scaler_skipped": self.guard.scaler_skipped,
                 "reference": self.objective.state_dict(), **({"stream": stream} if stream else {}),
                 # fp16: the gradient scaler's scale and growth count, so a resumed run skips what this one would
                 **({"scaler": scaler.state_dict()} if scaler else {})}
@@ -435,7 +475,7 @@ class DiffusionKTOTrainer:
         state = checkpoint.load_checkpoint(path)
         self._load_states(state["weights"], state["optimizer"], path)
         self.lr_scheduler.load_state_dict(state["scheduler"]["lr_scheduler"])
-        torch.set_rng_state(state["scheduler"]["torch_rng"])
+        self.window = rng.restore_processes(state["scheduler"], self.accelerator)
         counters = state["state"]
         self.global_step = int(counters["step"])
         self.guard.skipped = int(counters.get("skipped", 0))
@@ -447,7 +487,7 @@ class DiffusionKTOTrainer:
             acc = self.accelerator
             self.stream.keep(self._stream_resume, path, process=acc.process_index, processes=acc.num_processes,
                              workers=max(self.cfg.data.num_workers, 1))
-        self.micro_step = self.global_step * self.cfg.train.grad_accum
+        self.micro_step = int(counters.get("micro_step", self.global_step * self.cfg.train.grad_accum))
         self.objective.load_state_dict(counters.get("reference"))  # None: Q_ref re-estimated at once
         if self.accelerator.is_main_process:
             print(f"resumed from {path} at step {self.global_step}")
