@@ -20,7 +20,7 @@ def test_the_shapes_world_is_registered_in_every_group():
     assert all("toy" in registry.names(group) for group in GROUPS)
     assert resolve_pretrained("toy") == str(toy.weights_dir())
     assert resolve_pretrained("org/model") == "org/model"  # hub ids and folders pass through
-    assert load_judge("toy:preference") is judges.preference
+    assert load_judge("toy:preference").judge is judges.preference
     images = [world.render(p, rng=0) for p in world.eval_prompts()[:3]]
     scores = parse_metric("toy:fidelity").load("cpu")(images, world.eval_prompts()[:3])
     np.testing.assert_allclose(scores, judges.fidelity(images, world.eval_prompts()[:3]))

@@ -539,14 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dkto` console script; returns the exit code."""
-    from .config import ConfigError
-    from .data import FeedbackError
     from .errors import UserError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FeedbackError, FileExistsError, UserError) as err:
+    except (UserError, FileExistsError) as err:  # a user's mistake: one line naming the key, file, row or judge
         print(f"dkto {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -44,6 +44,8 @@ class ModelConfig:
     pretrained: str = "toy"  # hub id, local diffusers folder, or "toy" for the shipped tiny shapes-world model
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" weights on the hub
+    # weights load from safetensors only; true also loads pickled .bin files (unpickling can run code: trust them)
+    allow_pickle: bool = False
 
 
 @dataclass

@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .errors import ConfigError
+
 
 def dtype_kwarg(dtype: torch.dtype, diffusers_version: str | None = None) -> dict:
     """The dtype keyword of ``from_pretrained``: ``dtype`` from diffusers 0.40 on, ``torch_dtype`` before it."""
@@ -21,25 +23,55 @@ def dtype_kwarg(dtype: torch.dtype, diffusers_version: str | None = None) -> dic
 
 
 def load_pipeline(model: str, *, lora: str | None = None, unet: str | None = None, device: str | None = None,
-                  dtype: torch.dtype = torch.float32):
-    """A diffusers pipeline from a hub id / folder (``toy`` = shipped model), with a LoRA dir or a UNet dir on top."""
+                  dtype: torch.dtype = torch.float32, allow_pickle: bool = False, key: str = "--model"):
+    """A diffusers pipeline from a hub id / folder (``toy`` = shipped model), with a LoRA dir or a UNet dir on top.
+
+    Safetensors weights only unless ``allow_pickle``; a missing or unreachable model, LoRA or UNet is one ConfigError
+    naming ``key`` (the flag or config key the name came from)."""
     from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 
     from .models import resolve_pretrained
+    from .models.loading import loading_error, locate, quiet_processor_fallback, weight_kwargs
 
     if lora and unet:
         raise ValueError("give either a LoRA dir or a UNet dir, not both")
-    path = resolve_pretrained(model)
-    kwargs = {**dtype_kwarg(dtype), "safety_checker": None, "requires_safety_checker": False}
-    if unet:
-        unet_dir = Path(unet) / "unet" if (Path(unet) / "unet" / "config.json").is_file() else Path(unet)
-        kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet_dir, **dtype_kwarg(dtype))
-    pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    if lora:
-        pipe.load_lora_weights(lora)
+    path = locate(resolve_pretrained(model), key)
+    kwargs = {**dtype_kwarg(dtype), **weight_kwargs(allow_pickle), "safety_checker": None,
+              "requires_safety_checker": False}
+    try:
+        with quiet_processor_fallback():
+            if unet:
+                kwargs["unet"] = UNet2DConditionModel.from_pretrained(_unet_dir(unet), **dtype_kwarg(dtype),
+                                                                      **weight_kwargs(allow_pickle))
+            pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        if lora:
+            pipe.load_lora_weights(_lora_dir(lora), **weight_kwargs(allow_pickle))
+    except Exception as err:
+        friendly = loading_error(err, key, model, allow_pickle)
+        if friendly is None:
+            raise
+        raise friendly from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _unet_dir(unet: str) -> Path:
+    """A UNet folder, or a run folder holding ``unet/``; ConfigError when neither is there."""
+    folder = Path(unet).expanduser()
+    if (folder / "unet" / "config.json").is_file():
+        return folder / "unet"
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"--unet: {unet!r} holds no diffusers UNet (config.json) and no unet/ folder")
+    return folder
+
+
+def _lora_dir(lora: str) -> str:
+    """A folder holding LoRA weights (or a weights file); ConfigError when it does not exist."""
+    if not Path(lora).expanduser().exists():
+        raise ConfigError(f"--lora: {lora!r}: no such folder or file (a finished run's folder holds "
+                          "pytorch_lora_weights.safetensors)")
+    return str(Path(lora).expanduser())
 
 
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 25, guidance: float = 7.5,

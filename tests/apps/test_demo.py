@@ -62,10 +62,10 @@ def test_demo_refuses_a_non_empty_output_folder(tmp_path):
 
 
 def test_bare_judge_names_are_the_shapes_worlds_and_other_specs_pass_through(tmp_path):
-    assert demo_judge("preference") is judges.preference
-    assert demo_judge(" fidelity ") is judges.fidelity
-    assert demo_judge(judges.aesthetic) is judges.aesthetic
-    assert demo_judge("toy:clean") is judges.clean_score
+    assert demo_judge("preference").judge is judges.preference
+    assert demo_judge(" fidelity ").judge is judges.fidelity
+    assert demo_judge(judges.aesthetic).judge is judges.aesthetic
+    assert demo_judge("toy:clean").judge is judges.clean_score
     path = tmp_path / "my_judge.py"
     path.write_text("def half(images, prompts):\n    return [0.5] * len(images)\n")
     assert demo_judge(f"{path}:half")([None, None], ["a", "b"]) == [0.5, 0.5]

@@ -14,9 +14,9 @@ def _renders(n: int):
 
 
 def test_load_registered_and_callable():
-    assert load_judge("toy:preference") is judges.preference
-    assert load_judge(" toy:fidelity ") is judges.fidelity
-    assert load_judge(judges.aesthetic) is judges.aesthetic
+    assert load_judge("toy:preference").judge is judges.preference
+    assert load_judge(" toy:fidelity ").judge is judges.fidelity
+    assert load_judge(judges.aesthetic).judge is judges.aesthetic
 
 
 USER_JUDGE = '''
@@ -46,8 +46,8 @@ def test_load_user_judge_from_a_module(tmp_path, monkeypatch):
     (tmp_path / "my_judge_module.py").write_text(USER_JUDGE)
     monkeypatch.syspath_prepend(str(tmp_path))
     judge = load_judge("my_judge_module:brightness")
-    assert judge.__name__ == "brightness"
-    assert load_judge("diffusion_kto.toy.judges:fidelity") is judges.fidelity
+    assert judge.judge.__name__ == "brightness" and judge.name.endswith(":brightness")
+    assert load_judge("diffusion_kto.toy.judges:fidelity").judge is judges.fidelity
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -73,3 +73,50 @@ def test_load_judge_rejects_non_callables_and_broken_files(tmp_path):
     broken.write_text("raise RuntimeError('boom')\n")
     with pytest.raises(ValueError, match="boom"):
         load_judge(f"{broken}:judge")
+
+
+# ---------------------------------------------------------------- every call is checked (one line naming the judge)
+
+BAD_JUDGES = '''
+import numpy as np
+
+def short(images, prompts):
+    return np.full(len(images) - 1, 0.5)
+
+def nan(images, prompts):
+    scores = np.full(len(images), 0.5)
+    scores[2] = np.nan
+    return scores
+
+def big(images, prompts):
+    return np.full(len(images), 2.0)
+
+def words(images, prompts):
+    return ["good"] * len(images)
+'''
+
+
+@pytest.mark.parametrize("name, message", [
+    ("short", "returned 2 scores for 3 images"),
+    ("nan", "non-finite scores (NaN or inf), the first for image 2"),
+    ("big", "outside [0, 1], the first for image 0: 2"),
+    ("words", "scores that are not numbers"),
+])
+def test_checked_judges_refuse_unusable_scores(tmp_path, name, message):
+    from diffusion_kto.errors import UserError
+    from diffusion_kto.evaluation.judges import JudgeError
+
+    (tmp_path / "bad.py").write_text(BAD_JUDGES)
+    judge = load_judge(f"{tmp_path / 'bad.py'}:{name}", bounds=(0.0, 1.0))
+    images, prompts = _renders(3)
+    with pytest.raises(JudgeError, match=None) as err:
+        judge(images, prompts)
+    assert message in str(err.value) and f"bad.py:{name}" in str(err.value) and "\n" not in str(err.value)
+    assert isinstance(err.value, UserError)
+
+
+def test_unbounded_judges_accept_any_finite_score():
+    """Reward models score on their own scales: only length and finiteness are checked without bounds."""
+    from diffusion_kto.evaluation.judges import check_scores
+
+    assert check_scores([-3.0, 21.5], 2, "pickscore").tolist() == [-3.0, 21.5]

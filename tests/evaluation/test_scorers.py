@@ -125,7 +125,7 @@ def test_imagereward_adapter_groups_by_prompt(monkeypatch, images, prompts):
             values = [float(np.asarray(im).mean()) + len(prompt) for im in imgs]
             return values[0] if len(values) == 1 else values  # the package returns a float for one image
 
-    fake = types.SimpleNamespace(load=lambda name, device, download_root=None: FakeModel())
+    fake = types.SimpleNamespace(load=lambda name, device, download_root=None, med_config=None: FakeModel())
     monkeypatch.setitem(sys.modules, "ImageReward", fake)
     ps = ["a red circle", "a blue square", "a red circle", "a red circle", "a blue square", "x"]
     values = scorers.load_imagereward(None, "cpu", batch_size=2)(images, ps)

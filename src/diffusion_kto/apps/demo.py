@@ -51,13 +51,16 @@ class DemoSettings:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+SCORE_BOUNDS = (0.0, 1.0)  # a demo judge scores each image in [0, 1]; liked = score >= --threshold
+
+
 def demo_judge(spec: str | Judge) -> Judge:
-    """The judge of ``--judge``: a bare name of a shapes-world judge (``preference``, the default; ``fidelity``, ...)
+    """The judge of ``--judge``, checked on every call (one finite score in [0, 1] per image): a bare name of a shapes-world judge (``preference``, the default; ``fidelity``, ...)
     is the registered ``toy:<name>``; anything else is a spec for :func:`~diffusion_kto.evaluation.judges.load_judge`
     (``provider:name``, ``package.module:callable``, ``path/to/file.py:callable``)."""
     if isinstance(spec, str) and spec.strip() in judges.JUDGES:
         spec = f"toy:{spec.strip()}"
-    return load_judge(spec)
+    return load_judge(spec, bounds=SCORE_BOUNDS)
 
 
 @contextmanager
@@ -120,8 +123,8 @@ def run_demo(settings: DemoSettings) -> dict:
     out = Path(settings.out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"demo output folder {out} exists and is not empty; choose another --out")
+    judge = demo_judge(settings.judge)  # a bad spec stops here, before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    judge = demo_judge(settings.judge)
     commit()  # the code this run starts with is what its report names
     total = time.perf_counter()
     with stage(settings, "load base model"):

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
 from .bad_rows import BadRow
 
 TRUE_LABELS = ("true", "1", "like", "liked", "desirable", "yes", "good", "win")
@@ -24,7 +25,7 @@ MAX_PROMPT_CHARS = 10_000  # far beyond any text encoder's context (CLIP: 77 tok
 FEEDBACK_OPTIONS = ("image_column", "prompt_column", "label_column")  # the options naming a feedback source's columns
 
 
-class FeedbackError(ValueError):
+class FeedbackError(UserError, ValueError):
     """A problem with feedback data; the message names the file, the row and the key or column."""
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import registry
+from ..errors import UserError
 
 PROMPT_FIELDS = ("prompt", "caption", "text")
 HUB_SETS = {
@@ -45,7 +46,7 @@ HUB_SETS = {
 HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt set that cannot be read: names the file and line, or the dataset and what to do."""
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
+
 ScoreFn = Callable[[Sequence, Sequence[str]], np.ndarray]
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
@@ -31,7 +33,7 @@ IMAGEREWARD_MODEL = "ImageReward-v1.0"
 DEFAULT_BATCH = 32
 
 
-class ScorerError(RuntimeError):
+class ScorerError(UserError, RuntimeError):
     """A scorer that cannot be loaded: says which package to install or which weights to download."""
 
 
@@ -111,10 +113,21 @@ def _has_processor(folder: Path) -> bool:
     return has_images and has_text
 
 
+def _flag(value) -> bool:
+    """A boolean scorer option, given as a bool or as the text of ``--metric-option NAME.KEY=VALUE``."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ScorerError(f"expected true or false, got {value!r}")
+    return text in ("true", "1", "yes")
+
+
 class CLIPBackbone:
     """A transformers CLIPModel + processor: normalised image and text embeddings, batched, no gradients."""
 
-    def __init__(self, model_id: str, processor_id: str | None, device: str, dtype, scorer: str, hint: str):
+    def __init__(self, model_id: str, processor_id: str | None, device: str, dtype, scorer: str, hint: str,
+                 allow_pickle=False):
         transformers = require("transformers", "transformers", scorer)
         local = Path(model_id).expanduser()
         if local.is_dir():
@@ -123,8 +136,10 @@ class CLIPBackbone:
             raise ScorerError(f"the {scorer!r} model folder {model_id!r} does not exist. {hint}")
         if processor_id is None:
             processor_id = model_id if local.is_dir() and _has_processor(local) else None
+        # a local folder loads its safetensors only, unless the user trusts its pickled .bin files (allow_pickle)
+        safe = {"use_safetensors": True} if local.is_dir() and not _flag(allow_pickle) else {}
         try:
-            model = transformers.CLIPModel.from_pretrained(model_id)
+            model = transformers.CLIPModel.from_pretrained(model_id, **safe)
         except Exception as err:
             raise _download_help(scorer, model_id, err, hint) from err
         self.model = model.eval().to(device=device, dtype=_dtype(dtype))
@@ -175,25 +190,25 @@ def _similarity_scorer(backbone: CLIPBackbone, scale: Callable, batch_size: int)
 # ---------------------------------------------------------------- pickscore and clip
 
 def load_pickscore(path_or_id: str | None = None, device: str = "cpu", *, processor: str | None = None,
-                   dtype="float32", batch_size: int = DEFAULT_BATCH) -> ScoreFn:
+                   dtype="float32", batch_size: int = DEFAULT_BATCH, allow_pickle=False) -> ScoreFn:
     """PickScore: logit_scale.exp() · cos(text, image) with the PickScore_v1 CLIP-H and the LAION processor."""
     model_id = path_or_id or PICKSCORE_MODEL
     if processor is None and not (Path(model_id).is_dir() and _has_processor(Path(model_id))):
         processor = PICKSCORE_PROCESSOR
     hint = (f"Download it (huggingface-cli download {PICKSCORE_MODEL}; and {PICKSCORE_PROCESSOR} for the "
             "processor) or pass a local folder: --metrics pickscore=/path/to/PickScore_v1")
-    backbone = CLIPBackbone(model_id, processor, device, dtype, "pickscore", hint)
+    backbone = CLIPBackbone(model_id, processor, device, dtype, "pickscore", hint, allow_pickle)
     logit_scale = float(backbone.model.logit_scale.detach().exp())
     return _similarity_scorer(backbone, lambda cos: logit_scale * cos, int(batch_size))
 
 
 def load_clip(path_or_id: str | None = None, device: str = "cpu", *, processor: str | None = None,
-              dtype="float32", batch_size: int = DEFAULT_BATCH) -> ScoreFn:
+              dtype="float32", batch_size: int = DEFAULT_BATCH, allow_pickle=False) -> ScoreFn:
     """CLIP score: 100 · max(cos(text, image), 0) (the torchmetrics convention), default CLIP ViT-L/14."""
     model_id = path_or_id or CLIP_MODEL
     hint = (f"Download it (huggingface-cli download {CLIP_MODEL}) or pass a local CLIP folder: "
             "--metrics clip=/path/to/clip")
-    backbone = CLIPBackbone(model_id, processor, device, dtype, "clip", hint)
+    backbone = CLIPBackbone(model_id, processor, device, dtype, "clip", hint, allow_pickle)
     return _similarity_scorer(backbone, lambda cos: 100.0 * cos.clamp(min=0), int(batch_size))
 
 
@@ -276,7 +291,7 @@ def load_aesthetic_head(path: Path, device: str = "cpu"):
 
 
 def load_aesthetic(path_or_id: str | None = None, device: str = "cpu", *, clip: str | None = None,
-                   dtype="float32", batch_size: int = DEFAULT_BATCH) -> ScoreFn:
+                   dtype="float32", batch_size: int = DEFAULT_BATCH, allow_pickle=False) -> ScoreFn:
     """LAION aesthetic score: MLP head on the L2-normalised CLIP ViT-L/14 image embedding (prompts unused)."""
     import torch
 
@@ -284,7 +299,7 @@ def load_aesthetic(path_or_id: str | None = None, device: str = "cpu", *, clip: 
     clip_id = clip or beside or CLIP_MODEL
     hint = (f"Download the CLIP backbone (huggingface-cli download {CLIP_MODEL}) or pass a local one: "
             "--metric-option aesthetic.clip=/path/to/clip-vit-large-patch14")
-    backbone = CLIPBackbone(clip_id, None, device, dtype, "aesthetic", hint)
+    backbone = CLIPBackbone(clip_id, None, device, dtype, "aesthetic", hint, allow_pickle)
     head = load_aesthetic_head(head_file, device)
     width = head.layers[0].in_features
     size = int(batch_size)
@@ -380,13 +395,33 @@ def load_hpsv2(path_or_id: str | None = None, device: str = "cpu", *, arch: str 
 
 # ---------------------------------------------------------------- imagereward
 
+def imagereward_med_config(path_or_id: str | None, med_config: str | None) -> str | None:
+    """The BLIP config a local ImageReward checkpoint is loaded with: ``med_config`` as given, else the
+    ``med_config.json`` beside the checkpoint; None for the hub model (the package fetches both). Without it the
+    package would reach the hub for the config even for a local checkpoint."""
+    if med_config is not None:
+        if not Path(med_config).expanduser().is_file():
+            raise ScorerError(f"imagereward: med_config {med_config!r} is not a file")
+        return str(Path(med_config).expanduser())
+    if path_or_id is None or not Path(path_or_id).expanduser().exists():
+        return None
+    beside = Path(path_or_id).expanduser().resolve().parent / "med_config.json"
+    if not beside.is_file():
+        raise ScorerError(f"imagereward: the local checkpoint {path_or_id!r} needs its med_config.json (the BLIP "
+                          f"config of THUDM/ImageReward) beside it, at {beside}, or given with --metric-option "
+                          "imagereward.med_config=PATH; without it the image-reward package would fetch it from the hub")
+    return str(beside)
+
+
 def load_imagereward(path_or_id: str | None = None, device: str = "cpu", *, download_root: str | None = None,
-                     batch_size: int = DEFAULT_BATCH) -> ScoreFn:
-    """ImageReward through the `image-reward` package: RM.load(name or .pt path), scored per prompt group."""
+                     batch_size: int = DEFAULT_BATCH, med_config: str | None = None) -> ScoreFn:
+    """ImageReward through the `image-reward` package: RM.load(name or .pt path), scored per prompt group; a local
+    checkpoint is loaded with a local med_config (:func:`imagereward_med_config`), never reaching the hub."""
+    config = imagereward_med_config(path_or_id, med_config)
     rm = require("ImageReward", "image-reward", "imagereward")
     name = path_or_id or IMAGEREWARD_MODEL
     try:
-        model = rm.load(name, device=device, download_root=download_root)
+        model = rm.load(name, device=device, download_root=download_root, med_config=config)
     except Exception as err:
         raise _download_help("imagereward", name, err,
                              f"Let the image-reward package download {IMAGEREWARD_MODEL} once (it fetches "

@@ -7,11 +7,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UserError
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
 HASH_LIMIT = 256 * 2**20  # weight files up to this size are hashed whole; larger ones by size and ends
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """A problem with the evaluation's inputs or output folder, stated so that the user can fix it."""
 
 

@@ -1,6 +1,8 @@
-"""Model families. Each family is one file behind :mod:`diffusion_kto.models.base`."""
+"""Model families. Each family is one file behind :mod:`diffusion_kto.models.base`; :data:`FAMILIES` maps a diffusers
+pipeline class (``model_index.json``'s ``_class_name``) to its family, the only place that names them."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -8,9 +10,14 @@ import torch
 from .. import registry
 from ..config import ConfigError
 from .base import DiffusionFamily, unwrap
+from .loading import is_hub_id, loading_error, locate
 from .stable_diffusion import StableDiffusion
 
-__all__ = ["DiffusionFamily", "StableDiffusion", "component_fingerprint", "load_family", "resolve_pretrained", "unwrap"]
+__all__ = ["DiffusionFamily", "FAMILIES", "StableDiffusion", "component_fingerprint", "family_of", "load_family",
+           "resolve_pretrained", "unwrap"]
+
+# pipeline class -> family
+FAMILIES: dict[str, type] = {"StableDiffusionPipeline": StableDiffusion}
 
 
 def resolve_pretrained(name: str) -> str:
@@ -21,16 +28,23 @@ def resolve_pretrained(name: str) -> str:
     return name if folder is None else str(folder())
 
 
-def _family_of(pretrained: str) -> type:
-    """The family class for a pipeline folder or hub id (from model_index.json when it is local)."""
-    index = Path(pretrained) / "model_index.json"
-    if index.is_file():
-        import json
+def model_index(pretrained: str, revision: str | None = None) -> dict:
+    """The ``model_index.json`` of a located pipeline folder or hub id (from the local hub cache for an id)."""
+    if not is_hub_id(pretrained):
+        return json.loads((Path(pretrained).expanduser() / "model_index.json").read_text())
+    from huggingface_hub import hf_hub_download
 
-        cls = json.loads(index.read_text()).get("_class_name", "")
-        if cls not in ("StableDiffusionPipeline", ""):
-            raise ValueError(f"{pretrained}: pipeline class {cls!r} is not supported yet (supported: StableDiffusionPipeline)")
-    return StableDiffusion
+    return json.loads(Path(hf_hub_download(pretrained, "model_index.json", revision=revision)).read_text())
+
+
+def family_of(pretrained: str, revision: str | None = None, key: str = "model.pretrained") -> type:
+    """The family class of a located pipeline, from its ``model_index.json``; ConfigError naming an unsupported
+    pipeline class and listing the supported ones."""
+    cls = model_index(pretrained, revision).get("_class_name", "")
+    if cls not in FAMILIES:
+        raise ConfigError(f"{key}: {pretrained!r} is a {cls or 'pipeline without a _class_name'}, which is not "
+                          f"supported; supported pipeline classes: {', '.join(FAMILIES)}")
+    return FAMILIES[cls]
 
 
 def component_fingerprint(pretrained: str, revision: str | None, component: str) -> str:
@@ -44,7 +58,12 @@ def component_fingerprint(pretrained: str, revision: str | None, component: str)
     if not (root / component).is_dir():
         from huggingface_hub import snapshot_download
 
-        root = Path(snapshot_download(pretrained, revision=revision, allow_patterns=[f"{component}/*"]))
+        located = locate(str(root), "model.pretrained", revision=revision)
+        try:
+            root = Path(snapshot_download(located, revision=revision, allow_patterns=[f"{component}/*"]))
+        except Exception as err:
+            raise ConfigError(f"model.pretrained: the {component} folder of {pretrained!r} cannot be had "
+                              f"({type(err).__name__}); check the network and HF_HUB_OFFLINE") from None
     folder = root / component
     files = sorted(f for f in folder.rglob("*") if f.is_file())
     if not files:
@@ -60,20 +79,20 @@ def component_fingerprint(pretrained: str, revision: str | None, component: str)
 
 def load_family(cfg, *, weight_dtype: torch.dtype, device: torch.device | str, with_reference: bool = True,
                 components: tuple[str, ...] = ("unet", "vae", "text_encoder")) -> DiffusionFamily:
-    """Build the model family described by a :class:`~diffusion_kto.config.Config` (only ``components`` loaded)."""
-    pretrained = resolve_pretrained(cfg.model.pretrained)
-    family = _family_of(pretrained)
-    return family.from_pretrained(
-        pretrained,
-        revision=cfg.model.revision,
-        variant=cfg.model.variant,
-        components=components,
-        lora_rank=cfg.lora.rank,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        lora_target_modules=tuple(cfg.lora.target_modules),
-        weight_dtype=weight_dtype,
-        device=device,
-        gradient_checkpointing=cfg.train.gradient_checkpointing,
-        with_reference=with_reference,
-    )
+    """Build the model family described by a :class:`~diffusion_kto.config.Config` (only ``components`` loaded);
+    a missing or unreachable model, or one without safetensors weights, is one ConfigError naming model.pretrained."""
+    m = cfg.model
+    pretrained = locate(resolve_pretrained(m.pretrained), "model.pretrained", revision=m.revision)
+    family = family_of(pretrained, m.revision)
+    try:
+        return family.from_pretrained(
+            pretrained, revision=m.revision, variant=m.variant, allow_pickle=m.allow_pickle, components=components,
+            lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            lora_target_modules=tuple(cfg.lora.target_modules), weight_dtype=weight_dtype, device=device,
+            gradient_checkpointing=cfg.train.gradient_checkpointing, with_reference=with_reference,
+        )
+    except Exception as err:
+        friendly = loading_error(err, "model.pretrained", m.pretrained, m.allow_pickle)
+        if friendly is None:
+            raise
+        raise friendly from None

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .. import diffusion
 from .base import Conditioning, Noised, unwrap
+from .loading import weight_kwargs
 
 
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -27,8 +28,10 @@ class TextEmbeddings(Conditioning):
     hidden_states: Tensor  # (B, L, D)
 
 
-def _load_parts(pretrained: str, revision: str | None, variant: str | None, components=COMPONENTS) -> dict:
-    """Load the SD components with the real diffusers / transformers ``from_pretrained`` paths.
+def _load_parts(pretrained: str, revision: str | None, variant: str | None, components=COMPONENTS,
+                allow_pickle: bool = False) -> dict:
+    """Load the SD components with the real diffusers / transformers ``from_pretrained`` paths (safetensors only
+    unless ``allow_pickle``).
 
     A component left out of ``components`` is None (a cached run needs no VAE or text encoder); the VAE's config
     (latent scaling) is always read, it is a few bytes."""
@@ -37,7 +40,8 @@ def _load_parts(pretrained: str, revision: str | None, variant: str | None, comp
 
     common = {"revision": revision}
     weights = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
-    parts = {name: cls.from_pretrained(pretrained, subfolder=name, variant=variant, **common) if name in components
+    parts = {name: cls.from_pretrained(pretrained, subfolder=name, variant=variant, **common,
+                                       **weight_kwargs(allow_pickle)) if name in components
              else None for name, cls in weights.items()}
     return {
         **parts,
@@ -110,9 +114,9 @@ class StableDiffusion:
 
     @classmethod
     def from_pretrained(cls, pretrained: str, *, revision: str | None = None, variant: str | None = None,
-                        components: tuple[str, ...] = COMPONENTS, **kw):
+                        components: tuple[str, ...] = COMPONENTS, allow_pickle: bool = False, **kw):
         """Load from a hub id or a local diffusers folder; ``components`` chooses which networks to load."""
-        return cls(pretrained=pretrained, **_load_parts(pretrained, revision, variant, components), **kw)
+        return cls(pretrained=pretrained, **_load_parts(pretrained, revision, variant, components, allow_pickle), **kw)
 
     # ------------------------------------------------------------------------------------------ setup
 
