@@ -506,6 +506,9 @@ def _add_loop(sub) -> None:
     p.add_argument("--guard", type=float, default=0.9,
                    help="a round whose fidelity or diversity falls below this share of the base's is rolled back")
     p.add_argument("--groups", type=int, default=8, help="seed groups per held-out prompt in each evaluation")
+    p.add_argument("--images-per-prompt", type=int, default=5, help="N of the median-of-N win rate (paper: 5)")
+    p.add_argument("--eval-judge", default=None,
+                   help="judge of the held-out images (default: --judge; with --human: the shapes world's preference)")
     p.add_argument("--host", default="127.0.0.1", help="--human: where the labeling app listens")
     p.add_argument("--port", type=int, default=8765, help="--human: the labeling app's port")
     p.add_argument("--token", default=None, help="--human: the labeling app's token")
@@ -521,6 +524,7 @@ def _run_loop(args) -> int:
     settings = LoopSettings(out=Path(args.out), model=args.model, judge=args.judge, human=args.human,
                             rounds=args.rounds, per_round=args.per_round, seed=args.seed, threshold=args.threshold,
                             label_noise=args.label_noise, guard=args.guard, groups_per_prompt=args.groups,
+                            images_per_prompt=args.images_per_prompt, eval_judge=args.eval_judge,
                             host=args.host, port=args.port, token=args.token,
                             config=Path(args.config) if args.config else None, overrides=tuple(args.overrides))
     run_loop(settings)
