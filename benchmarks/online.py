@@ -98,12 +98,13 @@ def record(out: Path, arm: str, seed: int, noise: float, beta: float, settings: 
 
 
 def run(out: Path, seeds, noises, betas, names, groups: int, budget: int = BUDGET) -> None:
-    """Every (seed, noise, beta, arm) not finished yet, offline KTO first (its images and labels are shared)."""
+    """Every (seed, noise, beta, arm) not finished yet: offline KTO first (its images and labels are shared), then the
+    other offline arms, the online ones last."""
     for seed in seeds:
         for noise in noises:
             for beta in betas:
                 first = out / key("kto-offline", seed, noise, beta)
-                for arm in sorted(names, key=lambda a: a != "kto-offline"):
+                for arm in sorted(names, key=lambda a: (a != "kto-offline", arms(budget)[a][0] > 1)):
                     if (out / "results" / f"{key(arm, seed, noise, beta)}.json").is_file():
                         continue
                     settings = settings_of(out, arm, seed, noise, beta, groups, budget)
