@@ -14,7 +14,7 @@ proportion to its images: 400 per 1024):
 
 The offline arms share the base images and their labels (copied from ``kto-offline``, which runs first: the loop's
 stage markers make the copies skip generating and labelling), and every arm shares the base's held-out evaluation.
-The loop's guards are off here (--guard 0), so that every arm's raw result enters the comparison. Each finished
+The loop's guards are off here (--guard 0 --diversity-guard 0), so that every arm's raw result enters the comparison. Each finished
 (arm, seed, noise, beta) is written atomically to OUT/results/<key>.json, so the harness resumes where it stopped.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ def settings_of(out: Path, arm: str, seed: int, noise: float, beta: float, group
     """The loop settings of one arm at one (seed, label noise, beta)."""
     rounds, per_round, overrides = arms(budget)[arm]
     return LoopSettings(out=out / key(arm, seed, noise, beta), judge="preference", rounds=rounds, per_round=per_round,
-                        seed=seed, label_noise=noise, guard=0.0, groups_per_prompt=groups,
+                        seed=seed, label_noise=noise, guard=0.0, diversity_guard=0.0, groups_per_prompt=groups,
                         overrides=(f"loss.beta={beta:g}", *overrides))
 
 

@@ -98,7 +98,9 @@ def add_loop(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.85, help="--judge: liked = score >= threshold")
     p.add_argument("--label-noise", type=float, default=0.0, help="--judge: probability of flipping each label")
     p.add_argument("--guard", type=float, default=0.9,
-                   help="a round whose fidelity or diversity falls below this share of the base's is rolled back")
+                   help="a round whose prompt fidelity falls below this share of the base's is rolled back")
+    p.add_argument("--diversity-guard", type=float, default=0.6,
+                   help="... or whose diversity falls below this share of the base's (docs/labeling.md)")
     p.add_argument("--groups", type=int, default=8, help="seed groups per held-out prompt in each evaluation")
     p.add_argument("--images-per-prompt", type=int, default=5, help="N of the median-of-N win rate (paper: 5)")
     p.add_argument("--eval-judge", default=None,
@@ -118,7 +120,8 @@ def _run_loop(args) -> int:
 
     settings = LoopSettings(out=Path(args.out), model=args.model, judge=args.judge, human=args.human,
                             rounds=args.rounds, per_round=args.per_round, seed=args.seed, threshold=args.threshold,
-                            label_noise=args.label_noise, guard=args.guard, groups_per_prompt=args.groups,
+                            label_noise=args.label_noise, guard=args.guard, diversity_guard=args.diversity_guard,
+                            groups_per_prompt=args.groups,
                             images_per_prompt=args.images_per_prompt, eval_judge=args.eval_judge,
                             host=args.host, port=args.port, token=args.token,
                             config=Path(args.config) if args.config else None, overrides=tuple(args.overrides))

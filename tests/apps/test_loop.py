@@ -92,4 +92,8 @@ def test_guard_verdict_hand_values():
     assert ok["passed"] and ok["ratios"] == {"fidelity": 1.1, "diversity": 0.9375}
     hacked = guard_verdict(base, {"fidelity": 0.40, "diversity": 0.15})  # the demo's one-trait judge: 0.61 -> 0.40
     assert not hacked["passed"] and hacked["failed"] == ["fidelity"] and "FAILED" in hacked["lines"][0]
-    assert guard_verdict(base, {"fidelity": 0.6, "diversity": 0.12}, share=0.75)["passed"]
+    assert guard_verdict(base, {"fidelity": 0.55, "diversity": 0.12}, diversity_share=0.75)["passed"]  # 92%, 75%
+    assert guard_verdict(base, {"fidelity": 0.53, "diversity": 0.12}, diversity_share=0.8)["failed"] == [
+        "fidelity", "diversity"]  # 88% < 90%, 75% < 80%
+    collapsed = guard_verdict(base, {"fidelity": 0.7, "diversity": 0.08})  # DPO-like: 50% of the base's diversity
+    assert collapsed["failed"] == ["diversity"] and collapsed["shares"] == {"fidelity": 0.9, "diversity": 0.6}

@@ -24,7 +24,7 @@ from ..images import image_grid
 from ..provenance import commit, machine
 from ..sampling import generate, load_pipeline
 from ..train import DiffusionKTOTrainer
-from .reward_guards import DEFAULT_SHARE, guard_verdict
+from .reward_guards import DEFAULT_DIVERSITY_SHARE, DEFAULT_SHARE, guard_verdict
 from ..toy import judges, world
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy-kto.yaml"
@@ -49,7 +49,8 @@ class DemoSettings:
     groups_per_prompt: int = 8  # independent seed groups per held-out prompt: comparisons = prompts x groups
     config: Path = CONFIG
     overrides: Sequence[str] = ()
-    guard: float = DEFAULT_SHARE  # the aligned model must keep this share of the base's fidelity and diversity
+    guard: float = DEFAULT_SHARE  # the aligned model must keep this share of the base's prompt fidelity ...
+    diversity_guard: float = DEFAULT_DIVERSITY_SHARE  # ... and this share of its diversity (apps/reward_guards.py)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -194,7 +195,7 @@ def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained
     cols = list(range(0, len(results["base"]["images"]), n * settings.groups_per_prompt))[:12]
     grid = image_grid({m: [results[m]["images"][i] for i in cols] for m in ("base", "aligned")},
                                  col_labels=[f"{results['base']['prompts'][i]} #{results['base']['seeds'][i]}" for i in cols])
-    verdict = guard_verdict(results["base"], results["aligned"], settings.guard)
+    verdict = guard_verdict(results["base"], results["aligned"], settings.guard, settings.diversity_guard)
     metrics = {
         "win_rate": {"rate": wr.rate, "ci": wr.ci, "n": wr.n, "wins": wr.wins, "ties": wr.ties},
         "guard": verdict,
@@ -210,7 +211,8 @@ def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained
                      "threshold": settings.threshold, "label_noise": settings.label_noise,
                      "images_per_prompt": n, "groups_per_prompt": settings.groups_per_prompt,
                      "held_out_prompts": len(world.eval_prompts()), "sampling": SAMPLING,
-                     "config": str(settings.config), "overrides": list(settings.overrides), "guard": settings.guard},
+                     "config": str(settings.config), "overrides": list(settings.overrides),
+                     "guards": [settings.guard, settings.diversity_guard]},
         "run": {"command": " ".join(["dkto", *sys.argv[1:]]) if sys.argv else "dkto demo",
                 "commit": commit(), "machine": machine()},
     }

@@ -43,7 +43,7 @@ from .generate import GenerateSettings, generate_queue
 from .label.export import export_labels
 from .label.server import make_server, url_of
 from .label.store import LabelStore
-from .reward_guards import DEFAULT_SHARE, guard_verdict
+from .reward_guards import DEFAULT_DIVERSITY_SHARE, DEFAULT_SHARE, guard_verdict
 
 STAGES = ("generate", "label", "train", "evaluate")
 STEPS_PER_IMAGE = 400 / 1024  # the demo config's 400 steps for 1024 images: the same passes over each round's labels
@@ -64,7 +64,8 @@ class LoopSettings:
     seed: int = 0
     threshold: float = 0.85  # --judge: liked = score >= threshold
     label_noise: float = 0.0  # --judge: probability of flipping each label
-    guard: float = DEFAULT_SHARE
+    guard: float = DEFAULT_SHARE  # a round below this share of the base's fidelity is rolled back ...
+    diversity_guard: float = DEFAULT_DIVERSITY_SHARE  # ... or below this share of its diversity
     groups_per_prompt: int = 8
     images_per_prompt: int = 5  # N of the median-of-N win rate
     host: str = "127.0.0.1"
@@ -121,8 +122,8 @@ def _start(settings: LoopSettings) -> None:
         raise UserError("dkto loop: give either --judge SPEC or --human")
     path = out / "loop.json"
     if path.is_file():
-        earlier = json.loads(path.read_text())
-        changed = sorted(k for k in record if earlier.get(k) != record[k])
+        earlier, defaults = json.loads(path.read_text()), LoopSettings().record()
+        changed = sorted(k for k in record if earlier.get(k, defaults[k]) != record[k])  # keys newer than the folder
         if changed:
             raise FileExistsError(f"{out} holds a loop started with other settings ({', '.join(changed)} differ); "
                                   "choose another --out, or repeat the first command to resume it")
@@ -252,7 +253,7 @@ def _score_round(settings: LoopSettings, folder: Path, base: dict, judge) -> dic
     """The round's model on the held-out prompts: win rate over the base (median of N), guards."""
     result = _evaluate(settings, _pipeline(settings, folder / "model"), judge)
     wr = winrate.win_rate(np.asarray(result["scores"]), np.asarray(base["scores"]))
-    verdict = guard_verdict(base, result, settings.guard)
+    verdict = guard_verdict(base, result, settings.guard, settings.diversity_guard)
     return {**result, "win_rate": wr.rate, "win_rate_ci": wr.ci, "comparisons": wr.n, "guard": verdict}
 
 
@@ -328,8 +329,8 @@ def write_loop_report(settings: LoopSettings, base: dict, rows: list[dict]) -> N
     report_lib.write_report(
         out, title="dkto loop: online rounds of Diffusion-KTO", run_info=run, extra_tables={"Rounds": table},
         grids=grids, results={"run": run, "settings": settings.record(), "rounds": rows}, results_name="loop.results.json",
-        notes=[f"Guards: a round whose fidelity or diversity falls below {settings.guard:.0%} of the base's is rolled "
-               "back (its weights are not used by the next round). " +
+        notes=[f"Guards: a round whose fidelity falls below {settings.guard:.0%} of the base's, or its diversity below "
+               f"{settings.diversity_guard:.0%}, is rolled back (its weights are not used by the next round). " +
                (f"Rolled back: rounds {', '.join(map(str, rolled))}." if rolled else "Every round passed."),
                "Reference model: the original base in every round; each round starts from the last kept round's "
                "weights."])
