@@ -324,7 +324,8 @@ def write_loop_report(settings: LoopSettings, base: dict, rows: list[dict]) -> N
     grids["held-out prompts, base and each round"] = image_grid(
         {k: [Image.fromarray(np.asarray(a, dtype=np.uint8)) for a in v] for k, v in images.items()},
         col_labels=world.eval_prompts())
-    run = {"command": " ".join(["dkto", *sys.argv[1:]]), "commit": commit(), "machine": machine()}
+    command = ["dkto", *sys.argv[1:]] if sys.argv[1:2] == ["loop"] else ["python", *sys.argv]  # a harness's own
+    run = {"command": " ".join(command), "commit": commit(), "machine": machine()}
     rolled = [r["round"] for r in rows if not r["guard_passed"]]
     report_lib.write_report(
         out, title="dkto loop: online rounds of Diffusion-KTO", run_info=run, extra_tables={"Rounds": table},
