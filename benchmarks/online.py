@@ -153,7 +153,8 @@ def summary(out: Path) -> str:
             cells.append(f"{w.rate:.1%} ± {w.ci:.1%}")
         lines.append(f"| {noise:g} | {beta:g} | {seed} | " + " | ".join(cells) + " |")
     plot = line_plot({k: sorted(v) for k, v in frontier.items()}, title="win rate over base vs diversity kept",
-                     x_label="diversity / base", y_label="win rate", y_range=(0.0, 1.0), size=(640, 380))
+                     x_label="diversity / base", y_label="win rate", y_range=(0.0, 1.0), x_range=(0.4, 1.0),
+                     size=(640, 380))
     plot.save(out / "online-frontier.png")
     return "\n".join(lines)
 

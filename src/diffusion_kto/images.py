@@ -93,12 +93,12 @@ PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 
 
 def line_plot(series: Mapping[str, Sequence[tuple[float, float]]], *, title: str = "", x_label: str = "",
               y_label: str = "", y_range: tuple[float, float] | None = None, size: tuple[int, int] = (560, 340),
-              lines: bool = True) -> Image.Image:
+              lines: bool = True, x_range: tuple[float, float] | None = None) -> Image.Image:
     """A small chart of named (x, y) point series (points joined by lines unless ``lines=False``), axes with 5 ticks
     each and a legend; plain PIL, for reports that must not need matplotlib."""
     points = [p for pts in series.values() for p in pts]
     xs, ys = [p[0] for p in points] or [0.0, 1.0], [p[1] for p in points] or [0.0, 1.0]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    x0, x1 = x_range or (min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1)
     y0, y1 = y_range or (min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1)
     width, height = size
     left, right, top, bottom = 56, 150, 28, 40
