@@ -68,6 +68,6 @@ def test_bare_judge_names_are_the_shapes_worlds_and_other_specs_pass_through(tmp
     assert demo_judge("toy:clean").judge is judges.clean_score
     path = tmp_path / "my_judge.py"
     path.write_text("def half(images, prompts):\n    return [0.5] * len(images)\n")
-    assert demo_judge(f"{path}:half")([None, None], ["a", "b"]) == [0.5, 0.5]
+    assert demo_judge(f"{path}:half")([None, None], ["a", "b"]).tolist() == [0.5, 0.5]  # checked: a float array
     with pytest.raises(ValueError, match="'no_such_judge': not a registered judge"):
         demo_judge("no_such_judge")
