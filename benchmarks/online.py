@@ -121,7 +121,7 @@ def _mean_ci(values) -> str:
 
 
 def summary(out: Path) -> str:
-    """Markdown tables over the finished runs, and OUT/online-frontier.png."""
+    """Markdown tables over the finished runs, OUT/online-frontier.png and OUT/online.json."""
     runs = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
     groups: dict[tuple, list] = {}
     for r in runs:
@@ -152,6 +152,7 @@ def summary(out: Path) -> str:
             w = winrate.win_rate(np.asarray(mine["scores"]), np.asarray(o["scores"]))
             cells.append(f"{w.rate:.1%} ± {w.ci:.1%}")
         lines.append(f"| {noise:g} | {beta:g} | {seed} | " + " | ".join(cells) + " |")
+    (out / "online.json").write_text(json.dumps(runs))  # every finished run: rounds, held-out scores, commit
     plot = line_plot({k: sorted(v) for k, v in frontier.items()}, title="win rate over base vs diversity kept",
                      x_label="diversity / base", y_label="win rate", y_range=(0.0, 1.0), x_range=(0.4, 1.0),
                      size=(640, 380))
