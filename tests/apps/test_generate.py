@@ -24,15 +24,15 @@ def test_queue_resumes_after_a_torn_write_with_the_same_images(tmp_path):
         ("000000", "a red circle", 5, "toy"), ("000001", "a red circle", 6, "toy"),
         ("000002", "a blue square on black", 7, "toy"), ("000003", "a blue square on black", 8, "toy")]
     first = {r["id"]: np.asarray(Image.open(out / r["image"])) for r in rows}
-    # a run killed while writing its second batch: one row and a torn line left, later images gone
-    lines = (out / "queue.jsonl").read_text().splitlines()
-    (out / "queue.jsonl").write_text(lines[0] + "\n" + lines[1][:10])
-    for r in rows[1:]:
-        (out / r["image"]).unlink()
-    generate_queue(out, settings, pipe=pipe, progress=False)
-    again = read_queue(out)
-    assert again == rows
-    assert all(np.array_equal(first[r["id"]], np.asarray(Image.open(out / r["image"]))) for r in again)
+    for kept in (2, 1):  # killed after its first batch (a torn line left), or with a row of a batch only
+        lines = (out / "queue.jsonl").read_text().splitlines()
+        (out / "queue.jsonl").write_text("".join(line + "\n" for line in lines[:kept]) + lines[kept][:10])
+        for r in rows[kept:]:
+            (out / r["image"]).unlink()
+        generate_queue(out, settings, pipe=pipe, progress=False)
+        again = read_queue(out)
+        assert again == rows  # images are redrawn from the last whole batch, in the same batches as before
+        assert all(np.array_equal(first[r["id"]], np.asarray(Image.open(out / r["image"]))) for r in again)
     with pytest.raises(FileExistsError, match="per_prompt differ"):
         generate_queue(out, GenerateSettings(prompts=str(prompts), per_prompt=3, seed=5, batch_size=2, steps=4))
 

@@ -2,7 +2,8 @@
 
 The folder: ``images/<id>.png``, ``queue.jsonl`` (one row per image: id, image, prompt, model, adapter, seed) and
 ``generate.json`` (the settings). Image i is prompt ``i // per_prompt`` with seed ``seed + i``, so a killed run
-resumes where it stopped: the queue's rows say which images are done, and a run with other settings is refused.
+resumes where it stopped: the queue's rows say which images are done (it redraws from the last whole batch, so
+that every image is drawn in the same batch as in an uninterrupted run), and a run with other settings is refused.
 Each batch's images are written (atomically) before their rows, and the rows are flushed to disk."""
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ def generate_queue(out: str | Path, settings: GenerateSettings, *, pipe=None, pr
     pipeline of the same model (the loop passes its own)."""
     out = Path(out)
     done = len(_start(out, settings))
+    done -= done % settings.batch_size  # resume on a batch boundary: a batch of other images changes the numerics
     prompts = prompt_list(settings.prompts)
     total = len(prompts) * settings.per_prompt
     if done >= total:
