@@ -16,7 +16,7 @@ def _changed(before, module):
     return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
 
 
-@pytest.mark.parametrize("reference_point", ["mismatched", "matched"])
+@pytest.mark.parametrize("reference_point", ["mismatched", "matched", "per_prompt"])
 def test_lora_kto_trains_only_adapters(tiny_sd, feedback, tmp_path, reference_point):
     cfg = load_config(None, tiny_overrides(tiny_sd, feedback, tmp_path / "run", **{
         "lora.rank": 4, "loss.reference_point": reference_point}))

@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .cli_feedback import add_generate, add_label, add_loop
+
 
 def _add_train(sub) -> None:
     p = sub.add_parser(
@@ -136,6 +138,9 @@ def _add_demo(sub) -> None:
     p.add_argument("--threshold", type=float, default=None, help="liked = judge score >= threshold (default 0.85)")
     p.add_argument("--label-noise", type=float, default=0.0, help="probability of flipping each label")
     p.add_argument("--groups", type=int, default=8, help="seed groups per held-out prompt in the evaluation")
+    p.add_argument("--guard", type=float, default=0.9,
+                   help="the aligned model fails its guard below this share of the base's prompt fidelity ...")
+    p.add_argument("--diversity-guard", type=float, default=0.6, help="... or below this share of its diversity")
     p.add_argument("--config", default=None, help="training config (default: configs/toy-kto.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
     p.set_defaults(func=_run_demo)
@@ -146,7 +151,8 @@ def _run_demo(args) -> int:
 
     settings = DemoSettings(out=Path(args.out), model=args.model, judge=args.judge, budget=args.budget, seed=args.seed,
                             threshold=DemoSettings.threshold if args.threshold is None else args.threshold,
-                            label_noise=args.label_noise, groups_per_prompt=args.groups,
+                            label_noise=args.label_noise, groups_per_prompt=args.groups, guard=args.guard,
+                            diversity_guard=args.diversity_guard,
                             config=Path(args.config) if args.config else CONFIG, overrides=tuple(args.overrides))
     run_demo(settings)
     return 0
@@ -448,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dkto", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_cache, _add_check_config, _add_sample, _add_export, _add_demo, _add_toy, _add_convert,
-                _add_eval, _add_bench):
+                _add_eval, _add_bench, add_generate, add_label, add_loop):
         add(sub)
     return parser
 

@@ -93,7 +93,9 @@ class LossConfig:
     name: str = _choice("kto", tuple(OBJECTIVES))  # sft/csft/dpo are the paper's baselines
     beta: float = _positive(5000.0, "paper: 5000; official script default 1000")
     utility: str = _choice("kt", ("kt", "loss_averse", "risk_seeking"))
-    reference_point: str = _choice("mismatched", ("mismatched", "matched", "none"))
+    # per_prompt: Q_ref of each sample from the batch's samples of its own prompt (a prompt alone in the batch takes
+    # the batch-wide one); see docs/method.md and benchmarks/results/online.md
+    reference_point: str = _choice("mismatched", ("mismatched", "matched", "per_prompt", "none"))
     # the amortized reference point (mismatched only; docs/method.md): fewer extra no-grad passes per step
     reference_fraction: float = _unit(1.0, "mismatched: estimate Q_ref on the first ceil(f*B) samples of the batch")
     reference_every: int = _positive(1, "mismatched: estimate Q_ref every k micro-steps, reuse it in between")

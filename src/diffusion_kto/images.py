@@ -86,3 +86,44 @@ def png_data_uri(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207))
+
+
+def line_plot(series: Mapping[str, Sequence[tuple[float, float]]], *, title: str = "", x_label: str = "",
+              y_label: str = "", y_range: tuple[float, float] | None = None, size: tuple[int, int] = (560, 340),
+              lines: bool = True, x_range: tuple[float, float] | None = None) -> Image.Image:
+    """A small chart of named (x, y) point series (points joined by lines unless ``lines=False``), axes with 5 ticks
+    each and a legend; plain PIL, for reports that must not need matplotlib."""
+    points = [p for pts in series.values() for p in pts]
+    xs, ys = [p[0] for p in points] or [0.0, 1.0], [p[1] for p in points] or [0.0, 1.0]
+    x0, x1 = x_range or (min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1)
+    y0, y1 = y_range or (min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1)
+    width, height = size
+    left, right, top, bottom = 56, 150, 28, 40
+    canvas = Image.new("RGB", size, BACKGROUND)
+    draw, font = ImageDraw.Draw(canvas), _font()
+    px = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
+    py = lambda y: height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)  # noqa: E731
+    draw.rectangle([left, top, width - right, height - bottom], outline=INK)
+    for k in range(5):
+        xv, yv = x0 + k * (x1 - x0) / 4, y0 + k * (y1 - y0) / 4
+        draw.line([px(xv), height - bottom, px(xv), height - bottom + 4], fill=INK)
+        draw.text((px(xv) - 10, height - bottom + 6), f"{xv:.3g}", fill=INK, font=font)
+        draw.line([left - 4, py(yv), left, py(yv)], fill=INK)
+        draw.text((4, py(yv) - 6), f"{yv:.3g}", fill=INK, font=font)
+    draw.text((left, 6), title, fill=INK, font=font)
+    draw.text(((left + width - right) // 2 - 20, height - 16), x_label, fill=INK, font=font)
+    draw.text((4, top - 16), y_label, fill=INK, font=font)
+    for k, (name, pts) in enumerate(series.items()):
+        colour = PALETTE[k % len(PALETTE)]
+        xy = [(px(x), py(y)) for x, y in pts]
+        if lines and len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for x, y in xy:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        ly = top + 6 + 16 * k
+        draw.rectangle([width - right + 10, ly, width - right + 20, ly + 10], fill=colour)
+        draw.text((width - right + 26, ly), _fit(str(name), right - 30, font), fill=INK, font=font)
+    return canvas

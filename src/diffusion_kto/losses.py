@@ -68,6 +68,25 @@ def reference_point(policy_err: Tensor, ref_err: Tensor) -> Tensor:
     return implicit_reward(policy_err, ref_err).detach().float().mean().clamp(min=0)
 
 
+def prompt_reference_point(policy_err: Tensor, ref_err: Tensor, groups: Tensor,
+                           local_groups: Tensor | None = None) -> Tensor:
+    """Per-sample Q_ref = max(0, mean of g = ref_err - policy_err over the samples of the same prompt), detached.
+
+    The reference point of §4.1 taken per prompt (as group-relative online methods normalise per prompt), so that a
+    prompt whose images are mostly liked does not move every sample's reference. ``policy_err``, ``ref_err``,
+    ``groups``: (N,) over the whole (gathered) batch, ``groups`` an integer id per prompt; ``local_groups``: (B,) the
+    ids of the samples to return Q_ref for (default: all N). A prompt with a single sample in the batch takes the
+    batch-wide mean (its own g would make z = 0)."""
+    if policy_err.numel() == 0:
+        raise ValueError("prompt_reference_point needs at least one sample")
+    g = implicit_reward(policy_err, ref_err).detach().float()  # (N,)
+    local = groups if local_groups is None else local_groups
+    same = (local.reshape(-1, 1) == groups.reshape(1, -1)).float()  # (B, N)
+    count = same.sum(dim=1)  # (B,)
+    per_prompt = (same @ g) / count.clamp(min=1)  # (B,)
+    return torch.where(count >= 2, per_prompt, g.mean()).clamp(min=0)
+
+
 class RunningReference(NamedTuple):
     """A bias-corrected exponential running mean of reference-point estimates (the amortized Q_ref)."""
 

@@ -25,6 +25,7 @@ from ..provenance import commit, machine
 from ..sampling import generate, load_pipeline
 from ..train import DiffusionKTOTrainer
 from ..train.model_card import add_eval_results
+from .reward_guards import DEFAULT_DIVERSITY_SHARE, DEFAULT_SHARE, guard_verdict
 from ..toy import judges, world
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy-kto.yaml"
@@ -49,6 +50,8 @@ class DemoSettings:
     groups_per_prompt: int = 8  # independent seed groups per held-out prompt: comparisons = prompts x groups
     config: Path = CONFIG
     overrides: Sequence[str] = ()
+    guard: float = DEFAULT_SHARE  # the aligned model must keep this share of the base's prompt fidelity ...
+    diversity_guard: float = DEFAULT_DIVERSITY_SHARE  # ... and this share of its diversity (apps/reward_guards.py)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -147,6 +150,11 @@ def run_demo(settings: DemoSettings) -> dict:
     wr = metrics["win_rate"]
     print(f"[demo] aligned beats base in {wr['rate']:.1%} ± {wr['ci']:.1%} of {wr['n']} comparisons "
           f"(median of {settings.images_per_prompt}); report: {out / 'report.html'}")
+    for line in metrics["guard"]["lines"]:
+        print(f"[demo] guard {line}")
+    if not metrics["guard"]["passed"]:
+        print(f"[demo] GUARD FAILED ({', '.join(metrics['guard']['failed'])}): the judge's win rate came at the cost of "
+              "what it does not score (reward hacking?); do not use this aligned model", flush=True)
     return metrics
 
 
@@ -188,8 +196,10 @@ def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained
     cols = list(range(0, len(results["base"]["images"]), n * settings.groups_per_prompt))[:12]
     grid = image_grid({m: [results[m]["images"][i] for i in cols] for m in ("base", "aligned")},
                                  col_labels=[f"{results['base']['prompts'][i]} #{results['base']['seeds'][i]}" for i in cols])
+    verdict = guard_verdict(results["base"], results["aligned"], settings.guard, settings.diversity_guard)
     metrics = {
         "win_rate": {"rate": wr.rate, "ci": wr.ci, "n": wr.n, "wins": wr.wins, "ties": wr.ties},
+        "guard": verdict,
         "base": {k: results["base"][k] for k in ("fidelity", "liked_share", "diversity")},
         "aligned": {k: results["aligned"][k] for k in ("fidelity", "liked_share", "diversity")},
         "mean_score": {m: {"mean": ms[settings.judge].mean, "ci": ms[settings.judge].ci} for m, ms in means.items()},
@@ -202,7 +212,8 @@ def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained
                      "threshold": settings.threshold, "label_noise": settings.label_noise,
                      "images_per_prompt": n, "groups_per_prompt": settings.groups_per_prompt,
                      "held_out_prompts": len(world.eval_prompts()), "sampling": SAMPLING,
-                     "config": str(settings.config), "overrides": list(settings.overrides)},
+                     "config": str(settings.config), "overrides": list(settings.overrides),
+                     "guards": [settings.guard, settings.diversity_guard]},
         "run": {"command": " ".join(["dkto", *sys.argv[1:]]) if sys.argv else "dkto demo",
                 "commit": commit(), "machine": machine()},
     }
@@ -215,7 +226,9 @@ def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained
         scores={m: {settings.judge: r["scores"]} for m, r in results.items()},
         results=metrics, results_name="metrics.json",
         notes=[f"{wr.n} comparisons = {len(world.eval_prompts())} held-out prompts x {settings.groups_per_prompt} "
-               f"seed groups; in each, the median-scored of {n} images per model is compared; ties count half."],
+               f"seed groups; in each, the median-scored of {n} images per model is compared; ties count half.",
+               ("Guards passed: " if verdict["passed"] else "GUARD FAILED, do not use the aligned model: ")
+               + "; ".join(verdict["lines"])],
     )
     return metrics
 

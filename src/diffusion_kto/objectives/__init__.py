@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Errors, ForwardPlan, Gather, LossOutput, Objective
+from .base import Errors, ForwardPlan, Gather, LossOutput, Objective, prompt_groups
 from .baselines import CSFT, SFT, csft_prompt
 from .dpo import DPO
 from .kto import KTO
@@ -13,7 +13,7 @@ from .kto import KTO
 OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (KTO, SFT, CSFT, DPO)}
 
 __all__ = ["CSFT", "DPO", "Errors", "ForwardPlan", "Gather", "KTO", "LossOutput", "OBJECTIVES", "Objective", "SFT",
-           "build_objective", "csft_prompt", "objective_class"]
+           "build_objective", "csft_prompt", "objective_class", "prompt_groups"]
 
 
 def objective_class(name: str) -> type[Objective]:

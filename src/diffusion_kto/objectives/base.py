@@ -7,10 +7,12 @@ every process, concatenated), and reduces the per-sample losses it returns. Conf
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 Gather = Callable[[Tensor], Tensor]  # (n,) on this process -> (n * processes,) over all of them
@@ -27,6 +29,12 @@ class Errors:
     # the first n samples with their prompts rolled by one within the batch (unrelated pairs, paper §4.1); no gradient
     policy_mismatched: Tensor | None = None  # (n,)
     reference_mismatched: Tensor | None = None  # (n,)
+
+
+def prompt_groups(prompts: Sequence[str]) -> Tensor:
+    """An int64 id per prompt, the same for the same text on every process (the first 7 bytes of its SHA-1): (B,)."""
+    return torch.tensor([int.from_bytes(hashlib.sha1(p.encode()).digest()[:7], "big") for p in prompts],
+                        dtype=torch.int64)
 
 
 @dataclass(frozen=True)
@@ -82,8 +90,9 @@ class Objective:
         """What the forward pass computes at micro-step ``micro_step`` (the policy's errors only by default)."""
         return ForwardPlan()
 
-    def loss(self, errors: Errors, desirable: Tensor, gather: Gather) -> LossOutput:
-        """Per-sample losses and diagnostics of one micro-batch; ``desirable``: (B,) bool."""
+    def loss(self, errors: Errors, desirable: Tensor, gather: Gather, groups: Tensor | None = None) -> LossOutput:
+        """Per-sample losses and diagnostics of one micro-batch; ``desirable``: (B,) bool; ``groups``: (B,) int64 prompt
+        ids (:func:`prompt_groups` of the batch's prompts), for objectives that compare samples of one prompt."""
         raise NotImplementedError
 
     def state_dict(self) -> dict | None:

@@ -29,7 +29,7 @@ class SFT(Objective):
         """Only liked rows are drawn."""
         return 1.0
 
-    def loss(self, errors: Errors, desirable: Tensor, gather: Gather) -> LossOutput:
+    def loss(self, errors: Errors, desirable: Tensor, gather: Gather, groups: Tensor | None = None) -> LossOutput:
         """policy_err on liked samples, 0 on disliked ones."""
         return LossOutput(losses.sft_loss(errors.policy, desirable).losses)
 
@@ -59,6 +59,6 @@ class CSFT(Objective):
         """Both phrasings of every prompt."""
         return list(dict.fromkeys(self.condition(p, d) for p in prompts for d in (True, False)))
 
-    def loss(self, errors: Errors, desirable: Tensor, gather: Gather) -> LossOutput:
+    def loss(self, errors: Errors, desirable: Tensor, gather: Gather, groups: Tensor | None = None) -> LossOutput:
         """policy_err of every sample."""
         return LossOutput(errors.policy)

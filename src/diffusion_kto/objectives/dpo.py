@@ -43,7 +43,7 @@ class DPO(Objective):
         """The reference's errors on both images of every pair."""
         return ForwardPlan(reference=True)
 
-    def loss(self, errors: Errors, desirable: Tensor, gather: Gather) -> LossOutput:
+    def loss(self, errors: Errors, desirable: Tensor, gather: Gather, groups: Tensor | None = None) -> LossOutput:
         """Per-pair losses, the share of pairs ranked right and the mean margin."""
         (pw, pl), (rw, rl) = errors.policy.chunk(2), errors.reference.chunk(2)
         out = losses.dpo_loss(pw, pl, rw, rl, beta=self.beta)

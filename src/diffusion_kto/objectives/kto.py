@@ -22,7 +22,7 @@ class KTO(Objective):
                  reference_fraction: float = 1.0, reference_every: int = 1, reference_decay: float = 0.0,
                  desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
         self.beta, self.utility = beta, utility
-        self.reference_mode = reference_point  # mismatched (paper), matched (official script), none
+        self.reference_mode = reference_point  # mismatched (paper), matched (official script), per_prompt, none
         self.fraction, self.every, self.decay = reference_fraction, reference_every, reference_decay
         self.weights = (desirable_weight, undesirable_weight)
         self.running: losses.RunningReference | None = None  # the running mismatched Q_ref (amortized)
@@ -58,14 +58,20 @@ class KTO(Objective):
         fresh = self.reference_mode == "mismatched" and (self.running is None or micro_step % self.every == 0)
         return ForwardPlan(reference=True, mismatched=math.ceil(self.fraction * batch_size) if fresh else 0)
 
-    def reference_point(self, errors: Errors, gather: Gather) -> Tensor:
+    def reference_point(self, errors: Errors, gather: Gather, groups: Tensor | None = None) -> Tensor:
         """Q_ref over the global batch: per-sample errors gathered from every process, then mean and clamp (§4.1).
 
         A mismatched estimate goes through the running mean of ``reference_decay``; micro-steps without a fresh one
-        (``reference_every`` > 1) reuse it."""
+        (``reference_every`` > 1) reuse it. ``per_prompt``: one Q_ref per sample, over the batch's samples of its prompt
+        (``groups``: (B,) prompt ids), shape (B,)."""
         device = errors.policy.device
         if self.reference_mode == "none":
             return torch.zeros((), device=device)
+        if self.reference_mode == "per_prompt":
+            if groups is None:
+                raise ValueError("loss.reference_point=per_prompt needs the prompt ids of the batch (groups)")
+            return losses.prompt_reference_point(gather(errors.policy.detach()), gather(errors.reference.detach()),
+                                                 gather(groups.to(device)), groups.to(device))
         policy, reference = ((errors.policy_mismatched, errors.reference_mismatched)
                              if self.reference_mode == "mismatched" else (errors.policy, errors.reference))
         if reference is not None:
@@ -75,15 +81,15 @@ class KTO(Objective):
             self.running = losses.running_reference(self.running, estimate, self.decay)
         return self.running.value.to(device)
 
-    def loss(self, errors: Errors, desirable: Tensor, gather: Gather) -> LossOutput:
+    def loss(self, errors: Errors, desirable: Tensor, gather: Gather, groups: Tensor | None = None) -> LossOutput:
         """Eq. 8 per sample, with the reference point, the implicit rewards of each class and the accuracy logged."""
-        kl = self.reference_point(errors, gather)
+        kl = self.reference_point(errors, gather, groups)
         out = losses.kto_loss(errors.policy, errors.reference, desirable, kl, beta=self.beta, utility=self.utility,
                               desirable_weight=self.weights[0], undesirable_weight=self.weights[1])
         # diagnostics over the global batch (a local slice may lack a class)
         rewards, liked = gather(out.rewards).float(), gather(desirable)
         return LossOutput(out.losses, {
-            "kl": float(kl),
+            "kl": float(kl.float().mean()),
             "reward_liked": _mean(rewards[liked]),
             "reward_disliked": _mean(rewards[~liked]),
             "accuracy": out.accuracy.item(),

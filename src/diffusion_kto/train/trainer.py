@@ -25,7 +25,7 @@ from ..data.pairs import PairDataset, collate_pairs, feedback_to_pairs
 from ..data.stream import StreamingFeedbackDataset, check_readers, collate_stream
 from ..models import DiffusionFamily, load_family
 from ..models.base import Conditioning
-from ..objectives import build_objective
+from ..objectives import build_objective, prompt_groups
 from . import checkpoint, rng
 from .distributed import fsdp, require_same_optimizer_layout, setup_accelerator, zero
 from .guards import StepGuard, window_problem
@@ -213,7 +213,7 @@ class DiffusionKTOTrainer:
             x0 = forward.clean_latents(self.family, batch, seed)  # (B, C, h, w)
             plan = objective.plan(self.micro_step, len(x0))
             errors = forward.denoising_errors(self.family, x0, cond, batch.draw_ids, seed, plan)
-            out = objective.loss(errors, desirable, acc.gather)
+            out = objective.loss(errors, desirable, acc.gather, prompt_groups(batch.prompts).to(acc.device))
         loss = out.losses.mean()
         metrics = {**out.metrics, "policy_err": errors.policy.detach().mean().item()}
         finite = acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum").item() == acc.num_processes

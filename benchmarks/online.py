@@ -1,0 +1,184 @@
+"""Online vs offline Diffusion-KTO, and DPO, on the shapes world at the same label budget (benchmarks/results/online.md).
+
+    python benchmarks/online.py run OUT [--seeds 0 1 2] [--noise 0 0.15] [--betas 2000 500] [--arms ...] [--groups 4]
+    python benchmarks/online.py summary OUT      tables (mean over seeds, 95% CI) and the frontier plot
+
+Every arm is a `dkto loop` folder (apps/loop.py) with the judge `preference` and the demo's threshold 0.85; every arm
+gets the same label budget (1024 by default) and the same training steps in total (the loop gives each round steps in
+proportion to its images: 400 per 1024):
+
+* ``kto-offline``   one round of 1024 base images (what `dkto demo` does);
+* ``kto-online``    four rounds of 256, each drawn from the model the previous round trained;
+* ``dpo-offline``   Diffusion-DPO on the pairs formed from the same 1024 labels (loss.name=dpo);
+* ``kto-prompt-ref`` the offline arm with loss.reference_point=per_prompt (Q_ref per prompt).
+
+The offline arms share the base images and their labels (copied from ``kto-offline``, which runs first: the loop's
+stage markers make the copies skip generating and labelling), and every arm shares the base's held-out evaluation.
+The loop's guards are off here (--guard 0 --diversity-guard 0), so that every arm's raw result enters the comparison. Each finished
+(arm, seed, noise, beta) is written atomically to OUT/results/<key>.json, so the harness resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from diffusion_kto.apps.loop import LoopSettings, run_loop
+from diffusion_kto.evaluation import winrate
+from diffusion_kto.images import line_plot
+from diffusion_kto.provenance import commit, machine
+
+BUDGET = 1024
+
+
+def arms(budget: int = BUDGET) -> dict[str, tuple[int, int, tuple[str, ...]]]:
+    """name -> (rounds, images per round, config overrides): the same label budget for every arm."""
+    return {"kto-offline": (1, budget, ()), "kto-online": (4, budget // 4, ()),
+            "dpo-offline": (1, budget, ("loss.name=dpo",)),
+            "kto-prompt-ref": (1, budget, ("loss.reference_point=per_prompt",))}
+
+
+ARMS = arms()
+SHARED = ("base", "round-001/queue", "round-001/prompts.txt", "round-001/feedback.jsonl",
+          "round-001/done/generate.json", "round-001/done/label.json")
+
+
+def settings_of(out: Path, arm: str, seed: int, noise: float, beta: float, groups: int,
+                budget: int = BUDGET) -> LoopSettings:
+    """The loop settings of one arm at one (seed, label noise, beta)."""
+    rounds, per_round, overrides = arms(budget)[arm]
+    return LoopSettings(out=out / key(arm, seed, noise, beta), judge="preference", rounds=rounds, per_round=per_round,
+                        seed=seed, label_noise=noise, guard=0.0, diversity_guard=0.0, groups_per_prompt=groups,
+                        overrides=(f"loss.beta={beta:g}", *overrides))
+
+
+def key(arm: str, seed: int, noise: float, beta: float) -> str:
+    """The folder and result name of one run."""
+    return f"{arm}_s{seed}_n{noise:g}_b{beta:g}"
+
+
+def share_offline(source: Path, settings: LoopSettings) -> None:
+    """Seed an offline arm's folder with the first offline arm's base evaluation, images and labels."""
+    target = Path(settings.out)
+    if target.exists() or not (source / "round-001" / "done" / "label.json").is_file():
+        return
+    for part in SHARED:
+        src, dst = source / part, target / part
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    (target / "loop.json").write_text(json.dumps(settings.record(), indent=1))
+
+
+def share_base(source: Path, settings: LoopSettings) -> None:
+    """Seed an arm's folder with the base's held-out evaluation (the same prompts, seeds and judge for every arm)."""
+    target = Path(settings.out)
+    if target.exists() or not (source / "base" / "done.json").is_file():
+        return
+    shutil.copytree(source / "base", target / "base")
+    (target / "loop.json").write_text(json.dumps(settings.record(), indent=1))
+
+
+def record(out: Path, arm: str, seed: int, noise: float, beta: float, settings: LoopSettings, rows: list) -> None:
+    """OUT/results/<key>.json: the last round's numbers and its held-out scores, written atomically."""
+    last = rows[-1]
+    folder = Path(settings.out)
+    scores = json.loads((folder / f"round-{last['round']:03d}" / "done" / "evaluate.json").read_text())["scores"]
+    base = json.loads((folder / "base" / "done.json").read_text())["scores"]
+    payload = {"arm": arm, "seed": seed, "noise": noise, "beta": beta, "rounds": rows, "scores": scores,
+               "base_scores": base, "commit": commit(), "machine": machine(),
+               "seconds": sum(sum(r["seconds"].values()) for r in rows)}
+    path = out / "results" / f"{key(arm, seed, noise, beta)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".tmp").write_text(json.dumps(payload))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def run(out: Path, seeds, noises, betas, names, groups: int, budget: int = BUDGET) -> None:
+    """Every (seed, noise, beta, arm) not finished yet: offline KTO first (its images and labels are shared), then the
+    other offline arms, the online ones last."""
+    for seed in seeds:
+        for noise in noises:
+            for beta in betas:
+                first = out / key("kto-offline", seed, noise, beta)
+                for arm in sorted(names, key=lambda a: (a != "kto-offline", arms(budget)[a][0] > 1)):
+                    if (out / "results" / f"{key(arm, seed, noise, beta)}.json").is_file():
+                        continue
+                    settings = settings_of(out, arm, seed, noise, beta, groups, budget)
+                    if arm != "kto-offline":
+                        (share_offline if ARMS[arm][0] == 1 else share_base)(first, settings)
+                    print(f"[online] {key(arm, seed, noise, beta)}", flush=True)
+                    record(out, arm, seed, noise, beta, settings, run_loop(settings))
+
+
+def _mean_ci(values) -> str:
+    """mean ± 95% CI over seeds (t ~ 1.96 std / sqrt(n); one seed: no interval)."""
+    v = np.asarray(values, float)
+    return f"{v.mean():.1%}" + (f" ± {1.96 * v.std(ddof=1) / np.sqrt(len(v)):.1%}" if len(v) > 1 else "")
+
+
+def summary(out: Path) -> str:
+    """Markdown tables over the finished runs, OUT/online-frontier.png and OUT/online.json."""
+    runs = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
+    groups: dict[tuple, list] = {}
+    for r in runs:
+        groups.setdefault((r["noise"], r["beta"], r["arm"]), []).append(r)
+    lines = ["| noise | beta | arm | seeds | win rate over base | fidelity / base | diversity / base | mean score |",
+             "|---|---|---|---|---|---|---|---|"]
+    frontier: dict[str, list] = {}
+    for (noise, beta, arm), rs in sorted(groups.items()):
+        last = [r["rounds"][-1] for r in rs]
+        wr = [x["win_rate"] for x in last]
+        fid = [x["fidelity"] / x["fidelity_base"] for x in last]
+        div = [x["diversity"] / x["diversity_base"] for x in last]
+        lines.append(f"| {noise:g} | {beta:g} | {arm} | {len(rs)} | {_mean_ci(wr)} | {_mean_ci(fid)} | {_mean_ci(div)} "
+                     f"| {np.mean([x['mean_score'] for x in last]):.3f} |")
+        frontier.setdefault(f"{arm} (noise {noise:g})", []).append((float(np.mean(div)), float(np.mean(wr))))
+    lines += ["", "| noise | beta | seed | online KTO vs offline DPO | online KTO vs offline KTO | per-prompt vs offline KTO |",
+              "|---|---|---|---|---|---|"]
+    by = {(r["noise"], r["beta"], r["seed"], r["arm"]): r for r in runs}
+    for (noise, beta, seed, arm), r in sorted(by.items()):
+        if arm != "kto-online":
+            continue
+        cells = []
+        for other, mine in (("dpo-offline", r), ("kto-offline", r), ("kto-offline", by.get((noise, beta, seed, "kto-prompt-ref")))):
+            o = by.get((noise, beta, seed, other))
+            if o is None or mine is None:
+                cells.append("—")
+                continue
+            w = winrate.win_rate(np.asarray(mine["scores"]), np.asarray(o["scores"]))
+            cells.append(f"{w.rate:.1%} ± {w.ci:.1%}")
+        lines.append(f"| {noise:g} | {beta:g} | {seed} | " + " | ".join(cells) + " |")
+    (out / "online.json").write_text(json.dumps(runs))  # every finished run: rounds, held-out scores, commit
+    plot = line_plot({k: sorted(v) for k, v in frontier.items()}, title="win rate over base vs diversity kept",
+                     x_label="diversity / base", y_label="win rate", y_range=(0.0, 1.0), x_range=(0.4, 1.0),
+                     size=(640, 380))
+    plot.save(out / "online-frontier.png")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Command line: run or summary."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("out", type=Path)
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.15])
+    r.add_argument("--betas", type=float, nargs="+", default=[2000.0, 500.0])
+    r.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    r.add_argument("--groups", type=int, default=4, help="seed groups per held-out prompt (the demo uses 8)")
+    r.add_argument("--budget", type=int, default=BUDGET, help="labels per arm")
+    s = sub.add_parser("summary")
+    s.add_argument("out", type=Path)
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args.out, args.seeds, args.noise, args.betas, args.arms, args.groups, args.budget)
+    print(summary(args.out))
+
+
+if __name__ == "__main__":
+    main()
