@@ -10,7 +10,7 @@ import torch
 
 from ..config import Config, ConfigError
 from ..data.cache import CacheKey, row_prompts, write_cache
-from ..models import component_fingerprint, load_family, resolve_pretrained
+from ..models import component_fingerprint, load_family, resolve_pretrained, text_components
 from ..objectives import build_objective
 from .inputs import DTYPES, load_feedback
 
@@ -28,7 +28,8 @@ def cache_key(cfg: Config, *, text: bool) -> CacheKey:
         flips=(False, True) if cfg.data.random_flip else (False,),
         model=cfg.model.pretrained,
         vae=fingerprint("vae"),
-        text_encoder=fingerprint("text_encoder") + fingerprint("tokenizer") if text else None,
+        # SD: text_encoder + tokenizer; SD3 / Flux: every text encoder used (SD3 with model.drop_t5: not T5) and tokenizer
+        text_encoder="".join(fingerprint(part) for part in text_components(cfg)) if text else None,
     )
 
 
