@@ -75,10 +75,19 @@ def flow_step(pipe, x0: torch.Tensor, prompts: list[str], drop_t5: torch.Tensor,
     return diffusion.per_sample_error(pred, target).mean()
 
 
+@torch.no_grad()
+def save_ema(pipe, params: list[torch.Tensor], ema: list[torch.Tensor], out: Path) -> None:
+    """Save the pipeline with the EMA weights in place of the current ones (restored after)."""
+    current = [p.detach().clone() for p in params]
+    torch._foreach_copy_(params, ema)
+    flow_model.save_pipeline(pipe, out)
+    torch._foreach_copy_(params, current)
+
+
 def train_flow(pipe, means: torch.Tensor, stds: torch.Tensor, prompts: list[str], recipe: FlowRecipe,
-               progress: bool = True) -> None:
+               progress: bool = True, snapshots: Path | None = None, snapshot_every: int = 0) -> None:
     """Fit the transformer and text encoders to the flow loss on the shifted, scaled corpus latents; ends holding the
-    EMA weights."""
+    EMA weights. ``snapshot_every`` > 0 saves the EMA pipeline to ``snapshots/step-N`` along the way (to watch it)."""
     shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
     modules = (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
     params = [p for m in modules for p in m.parameters()]
@@ -103,6 +112,8 @@ def train_flow(pipe, means: torch.Tensor, stds: torch.Tensor, prompts: list[str]
         optimizer.step()
         ema_update(ema, params, min(recipe.ema_decay, (1 + step) / (10 + step)))
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < recipe.steps:
+            save_ema(pipe, params, ema, snapshots / f"step-{step + 1:05d}")
     with torch.no_grad():
         torch._foreach_copy_(params, ema)
     for m in modules:
@@ -110,8 +121,10 @@ def train_flow(pipe, means: torch.Tensor, stds: torch.Tensor, prompts: list[str]
 
 
 def pretrain(out_dir: str | Path, seed: int = 0, steps: int = FlowRecipe.steps, batch_size: int = FlowRecipe.batch_size,
-             corpus_size: int = FlowRecipe.corpus_size, progress: bool = True, threads: int | None = None) -> Path:
-    """Train the toy flow pipeline (around the SD toy's VAE) and save it to out_dir in diffusers format; returns it."""
+             corpus_size: int = FlowRecipe.corpus_size, progress: bool = True, threads: int | None = None,
+             snapshot_every: int = 0) -> Path:
+    """Train the toy flow pipeline (around the SD toy's VAE) and save it to out_dir in diffusers format; returns it.
+    ``snapshot_every`` > 0 also saves EMA snapshots beside it, in ``<out_dir>-snapshots/``."""
     if threads is not None:
         torch.set_num_threads(threads)
     recipe = FlowRecipe(seed=seed, steps=steps, batch_size=batch_size, corpus_size=corpus_size)
@@ -125,7 +138,7 @@ def pretrain(out_dir: str | Path, seed: int = 0, steps: int = FlowRecipe.steps, 
     shift, scale = latent_stats(means, stds, seed)
     pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     seconds["encode"] = lap()
-    train_flow(pipe, means, stds, prompts, recipe, progress)
+    train_flow(pipe, means, stds, prompts, recipe, progress, Path(f"{out_dir}-snapshots"), snapshot_every)
     seconds["transformer"] = lap()
     out = flow_model.save_pipeline(pipe, out_dir)
     seconds["total"] = round(time.perf_counter() - marks[0], 1)
