@@ -77,7 +77,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--model", required=True, help="hub id, local diffusers folder, or 'toy'")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--lora", help="folder holding pytorch_lora_weights.safetensors")
-    group.add_argument("--unet", help="folder holding a diffusers UNet (or a run folder with unet/)")
+    group.add_argument("--unet", help="a full fine-tune's network: a diffusers UNet or SD3 / Flux transformer folder, "
+                                      "or a run folder with unet/ or transformer/")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
@@ -91,9 +92,12 @@ def _add_sample(sub) -> None:
 def _add_toy(sub) -> None:
     p = sub.add_parser("toy", help="the tiny shapes world: pretrain its base model")
     toy = p.add_subparsers(dest="toy_command", required=True)
-    pre = toy.add_parser("pretrain", help="train the tiny shapes-world Stable Diffusion from scratch on CPU")
+    pre = toy.add_parser("pretrain", help="train a tiny shapes-world model from scratch on CPU: Stable Diffusion "
+                                          "(--family sd) or the flow-matching SD3-format one (--family flow)")
     pre.add_argument("--out", required=True)
     pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--family", choices=("sd", "flow"), default="sd",
+                     help="sd: the `toy` model (UNet, DDPM); flow: the `toy-flow` model (SD3 transformer, rectified flow)")
     pre.set_defaults(func=_run_toy_pretrain)
 
 
@@ -108,23 +112,25 @@ def _add_demo(sub) -> None:
                    help="a shapes-world judge (preference, fidelity, aesthetic, ...), provider:name, "
                         "package.module:callable, or path/to/file.py:callable")
     p.add_argument("--budget", type=int, default=1024, help="feedback images to generate and judge")
-    p.add_argument("--model", default="toy", help="base pipeline (default: the shipped shapes-world model)")
+    p.add_argument("--model", default="toy", help="base pipeline: toy (default, the shipped shapes-world SD model), "
+                                                  "toy-flow (its flow-matching SD3-format sibling) or a folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threshold", type=float, default=None, help="liked = judge score >= threshold (default 0.85)")
     p.add_argument("--label-noise", type=float, default=0.0, help="probability of flipping each label")
     p.add_argument("--groups", type=int, default=8, help="seed groups per held-out prompt in the evaluation")
-    p.add_argument("--config", default=None, help="training config (default: configs/toy-kto.yaml)")
+    p.add_argument("--config", default=None, help="training config (default: the model's, configs/toy-kto.yaml for "
+                                                  "toy, configs/toy-flow-kto.yaml for toy-flow)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args) -> int:
-    from .apps.demo import CONFIG, DemoSettings, run_demo
+    from .apps.demo import DemoSettings, run_demo
 
     settings = DemoSettings(out=Path(args.out), model=args.model, judge=args.judge, budget=args.budget, seed=args.seed,
                             threshold=DemoSettings.threshold if args.threshold is None else args.threshold,
                             label_noise=args.label_noise, groups_per_prompt=args.groups,
-                            config=Path(args.config) if args.config else CONFIG, overrides=tuple(args.overrides))
+                            config=Path(args.config) if args.config else None, overrides=tuple(args.overrides))
     run_demo(settings)
     return 0
 
@@ -186,9 +192,9 @@ def _run_sample(args) -> int:
 
 
 def _run_toy_pretrain(args) -> int:
-    from .toy.pretrain import pretrain
+    from .toy import pretrain
 
-    pretrain(out_dir=args.out, seed=args.seed)
+    pretrain(args.family, out_dir=args.out, seed=args.seed)
     return 0
 
 
@@ -345,6 +351,9 @@ def _add_bench(sub) -> None:
     step.add_argument("--official", default="full",
                       help="with --end-to-end: adapters (lora, full, or none) on which the official script's step "
                            "design is timed beside ours, with the ratio ours / official")
+    step.add_argument("--losses", default="sft,kto_matched,kto_mismatched,kto_amortized",
+                      help="comma-separated modes to time (sft is required): sft, kto_matched, kto_mismatched, "
+                           "kto_amortized, dpo (Diffusion-DPO; Flow-DPO on SD3 / Flux)")
     step.add_argument("--out", default=None, help="also write the JSON here")
     step.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every mode")
     step.set_defaults(func=_run_bench_step)
@@ -406,7 +415,7 @@ def _run_bench_step(args) -> int:
         adapters=_names(args.adapters), lora_rank=args.lora_rank,
         steps=args.steps, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
         mixed_precision=args.mixed_precision, overrides=tuple(args.overrides), end_to_end=args.end_to_end,
-        official=_names(args.official),
+        official=_names(args.official), losses=_names(args.losses),
     )
     report = bench_step(settings, progress=lambda line: print(line, file=sys.stderr))
     text = json.dumps(report, indent=2)
