@@ -219,3 +219,29 @@ def test_missing_t5_and_schnell_guidance_are_refused(feedback, tmp_path):
 def test_flow_config_errors(bad, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [f"{k}={v}" for k, v in bad.items()])
+
+
+def test_a_cache_built_with_t5_is_refused_without_it(tiny_sd3, feedback, tmp_path):
+    from diffusion_kto.data.cache import CacheError
+
+    build_cache(_cfg(tiny_sd3, feedback, tmp_path / "u", **{"lora.rank": 2}), tmp_path / "cache", progress=None)
+    with pytest.raises(CacheError, match="'text_encoder'"):
+        DiffusionKTOTrainer(_cfg(tiny_sd3, feedback, tmp_path / "run", **{
+            "lora.rank": 2, "model.drop_t5": True, "data.cache": str(tmp_path / "cache")}))
+
+
+def test_full_finetune_export_samples_through_load_pipeline_and_the_cli(tiny_sd3, feedback, tmp_path):
+    from test_cli import dkto
+
+    from diffusion_kto.sampling import generate, load_pipeline
+
+    DiffusionKTOTrainer(_cfg(tiny_sd3, feedback, tmp_path / "run", **{"optim.lr": 1e-2, "train.max_steps": 2})).train()
+    base, tuned = load_pipeline(str(tiny_sd3), device="cpu"), load_pipeline(str(tiny_sd3), unet=str(tmp_path / "run"),
+                                                                             device="cpu")
+    assert type(base.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    a, b = (np.asarray(generate(p, ["a red circle"], [0], steps=2, guidance=2.0, resolution=16)[0]) for p in (base, tuned))
+    assert not np.array_equal(a, b)
+    proc = dkto("sample", "--model", str(tiny_sd3), "--unet", str(tmp_path / "run"), "--prompt", "a red circle",
+                "--steps", "2", "--resolution", "16", "--out", str(tmp_path / "samples"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 1

@@ -340,6 +340,8 @@ def _add_bench(sub) -> None:
     step.add_argument("--batch-size", type=int, default=4)
     step.add_argument("--resolution", type=int, default=None, help="default: the VAE's sample_size")
     step.add_argument("--adapters", default="lora,full", help="comma-separated: lora, full")
+    step.add_argument("--losses", default="sft,kto_matched,kto_mismatched,kto_amortized",
+                      help="comma-separated, sft included: sft, kto_matched, kto_mismatched, kto_amortized, dpo")
     step.add_argument("--lora-rank", type=int, default=4)
     step.add_argument("--steps", type=int, default=20, help="timed steps per run (after warm-up)")
     step.add_argument("--warmup", type=int, default=3)
@@ -351,9 +353,6 @@ def _add_bench(sub) -> None:
     step.add_argument("--official", default="full",
                       help="with --end-to-end: adapters (lora, full, or none) on which the official script's step "
                            "design is timed beside ours, with the ratio ours / official")
-    step.add_argument("--losses", default="sft,kto_matched,kto_mismatched,kto_amortized",
-                      help="comma-separated modes to time (sft is required): sft, kto_matched, kto_mismatched, "
-                           "kto_amortized, dpo (Diffusion-DPO; Flow-DPO on SD3 / Flux)")
     step.add_argument("--out", default=None, help="also write the JSON here")
     step.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every mode")
     step.set_defaults(func=_run_bench_step)
@@ -412,10 +411,10 @@ def _run_bench_step(args) -> int:
 
     settings = BenchSettings(
         model=args.model, batch_size=args.batch_size, resolution=args.resolution,
-        adapters=_names(args.adapters), lora_rank=args.lora_rank,
+        adapters=_names(args.adapters), losses=_names(args.losses), lora_rank=args.lora_rank,
         steps=args.steps, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
         mixed_precision=args.mixed_precision, overrides=tuple(args.overrides), end_to_end=args.end_to_end,
-        official=_names(args.official), losses=_names(args.losses),
+        official=_names(args.official),
     )
     report = bench_step(settings, progress=lambda line: print(line, file=sys.stderr))
     text = json.dumps(report, indent=2)

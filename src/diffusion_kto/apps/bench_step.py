@@ -49,8 +49,9 @@ LOSSES = {
     "kto_mismatched": {"loss.name": "kto", "loss.reference_point": "mismatched"},
     "kto_amortized": {"loss.name": "kto", "loss.reference_point": "mismatched", "loss.reference_every": 4,
                       "loss.reference_decay": 0.75},
-    "dpo": {"loss.name": "dpo"},  # Diffusion-DPO (Flow-DPO on a flow family): timed only when asked (losses)
+    "dpo": {"loss.name": "dpo"},  # pairs: half as many pairs per step as the others have images (same images)
 }
+DEFAULT_LOSSES = ("sft", "kto_matched", "kto_mismatched", "kto_amortized")  # what --losses runs unless told
 AMORTIZED_EVERY = LOSSES["kto_amortized"]["loss.reference_every"]
 # the targets the project holds itself to (time ratios to SFT; LoRA KTO peak memory relative to LoRA SFT)
 TARGETS = {"time.kto_matched": 1.38, "time.kto_mismatched": 2.05, "time.kto_amortized": 1.5,
@@ -78,7 +79,7 @@ class BenchSettings:
     overrides: tuple[str, ...] = field(default_factory=tuple)
     end_to_end: bool = False  # also time whole `dkto train` runs without and with data.cache
     official: tuple[str, ...] = ("full",)  # end to end: adapters on which the official step design is timed beside ours
-    losses: tuple[str, ...] = ("sft", "kto_matched", "kto_mismatched", "kto_amortized")  # modes of LOSSES to time
+    losses: tuple[str, ...] = DEFAULT_LOSSES  # the losses compared (names of LOSSES; sft is the baseline of the ratios)
 
 
 def _rss_mb() -> float:
@@ -143,11 +144,19 @@ def mode_overrides(s: BenchSettings, adapter: str, loss: str, data: Path, out: P
     values = {
         "model.pretrained": s.model, "data.path": str(data), "data.resolution": resolution,
         "data.caption_dropout": 0.0, "data.random_flip": False, "train.output_dir": str(out),
-        "train.batch_size": s.batch_size, "train.max_steps": s.warmup + s.steps, "train.checkpoint_every": 0,
+        "train.batch_size": _batch_size(s.batch_size, loss), "train.max_steps": s.warmup + s.steps,
+        "train.checkpoint_every": 0,
         "train.mixed_precision": s.mixed_precision, "train.seed": s.seed, "optim.warmup_steps": 0,
         "optim.lr": 1e-5, "lora.rank": s.lora_rank if adapter == "lora" else 0, **LOSSES[loss],
     }
     return [f"{k}={_yaml_scalar(v)}" for k, v in values.items()] + list(s.overrides)
+
+
+def _batch_size(images: int, loss: str) -> int:
+    """train.batch_size of a mode: ``images`` per step (a paired objective's batch counts pairs of two images)."""
+    from ..objectives import objective_class
+
+    return max(1, images // 2) if objective_class(LOSSES[loss]["loss.name"]).paired else images
 
 
 def _yaml_scalar(value) -> str:
@@ -287,12 +296,12 @@ def check_targets(rat: dict) -> dict:
     """Each target with the measured ratio and whether it is met (per adapter for the time targets)."""
     checks = {}
     for adapter, modes in rat.items():
-        for loss in ("kto_matched", "kto_mismatched", "kto_amortized"):
+        for loss in ("kto_matched", "kto_mismatched", "kto_amortized"):  # the targets are KTO's
             if loss in modes:
                 value, limit = modes[loss]["time"], TARGETS[f"time.{loss}"]
                 checks[f"{adapter}.time.{loss}"] = {"ratio": value, "limit": limit, "met": value <= limit}
     for loss, m in rat.get("lora", {}).items():
-        if not loss.startswith("kto"):  # the memory target is KTO's (dpo, when timed, is reported beside it)
+        if not loss.startswith("kto"):
             continue
         value, limit = m["peak_mem"], TARGETS["lora_peak_mem.kto"]
         checks[f"lora.peak_mem.{loss}"] = {"ratio": value, "limit": limit, "met": value <= limit}
@@ -307,8 +316,8 @@ def _check_settings(s: BenchSettings) -> None:
         raise ConfigError(f"bench step needs steps >= {AMORTIZED_EVERY} (kto_amortized estimates Q_ref on one step "
                           f"in {AMORTIZED_EVERY}), warmup >= 0, repeats >= 1 and memory_steps >= 1")
     if "sft" not in s.losses or set(s.losses) - set(LOSSES):
-        raise ConfigError(f"bench step: losses must include sft (the baseline of every ratio) and be among "
-                          f"{', '.join(LOSSES)}, got {', '.join(s.losses)}")
+        raise ConfigError(f"bench step: losses must be among {', '.join(LOSSES)} and include sft (the baseline), "
+                          f"got {', '.join(s.losses) or 'none'}")
     if not s.adapters or set(s.adapters) - {"lora", "full"} or set(s.official) - {"lora", "full"}:
         raise ConfigError(f"bench step: adapters must be lora and/or full, got {', '.join(s.adapters) or 'none'} "
                           f"(official: {', '.join(s.official) or 'none'})")
