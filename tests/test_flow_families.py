@@ -111,20 +111,61 @@ def test_cached_training_equals_uncached(pipe, feedback, tmp_path, request):
     assert [x["loss"] for x in la] == pytest.approx([x["loss"] for x in lb], abs=2.5e-5)
 
 
+def _image(pipeline):
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline("a red circle", generator=torch.Generator().manual_seed(0), height=16, width=16,
+                    num_inference_steps=3, max_sequence_length=8, output_type="np").images
+
+
 @pytest.mark.parametrize("pipe", FAMILIES)
-def test_lora_export_loads_in_the_diffusers_pipeline_and_changes_the_image(pipe, feedback, tmp_path, request):
+def test_lora_export_loads_in_the_diffusers_pipeline_and_draws_the_trained_image(pipe, feedback, tmp_path, request):
+    """StableDiffusion3Pipeline / FluxPipeline.load_lora_weights on the export changes a fixed-seed image into exactly
+    the trained policy's (alpha != rank: the scale travels in the file's adapter metadata)."""
     import diffusers
 
     folder = request.getfixturevalue(pipe)
-    DiffusionKTOTrainer(_cfg(folder, feedback, tmp_path / "run", **{"lora.rank": 4, "optim.lr": 1e-2})).train()
+    trainer = DiffusionKTOTrainer(_cfg(folder, feedback, tmp_path / "run", **{"lora.rank": 4, "lora.alpha": 8,
+                                                                              "optim.lr": 1e-2}))
+    trainer.train()
     cls = getattr(diffusers, json.loads((folder / "model_index.json").read_text())["_class_name"])
-    pipeline = cls.from_pretrained(folder)
-    pipeline.set_progress_bar_config(disable=True)
-    kw = {"height": 16, "width": 16, "num_inference_steps": 3, "max_sequence_length": 8, "output_type": "np"}
-    before = pipeline("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
-    pipeline.load_lora_weights(tmp_path / "run")
-    after = pipeline("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    before = _image(cls.from_pretrained(folder))
+    loaded = cls.from_pretrained(folder)
+    loaded.load_lora_weights(tmp_path / "run")
+    with trainer.family.pipeline() as policy:
+        trained = _image(policy)
+    after = _image(loaded)
     assert np.abs(after - before).max() > 1e-3
+    np.testing.assert_allclose(after, trained, atol=1e-5)
+
+
+def test_flux_kohya_names_fuse_qkv_and_load_back_to_the_trained_image(tiny_flux, feedback, tmp_path):
+    """kohya (BFL) keys: the text q, k, v LoRAs become one block-diagonal txt_attn_qkv; diffusers' kohya Flux loader
+    splits it back, and the pipeline draws the trained policy's image. (Its loader assumes FLUX.1's width 3072 for a
+    single block's linear1, so the tiny model's LoRA stays in the double blocks here; names below.)"""
+    from diffusers import FluxPipeline
+    from safetensors.torch import save_file
+
+    from diffusion_kto.models.flux_kohya import bfl_name, to_bfl_kohya
+
+    targets = "[add_q_proj, add_k_proj, add_v_proj, to_out.0, to_add_out, ff.net.2, norm1.linear]"
+    trainer = DiffusionKTOTrainer(_cfg(tiny_flux, feedback, tmp_path / "run", **{
+        "lora.rank": 4, "lora.alpha": 8, "optim.lr": 1e-2, "lora.target_modules": targets}))
+    trainer.train()
+    kohya = to_bfl_kohya(trainer.family.trainable_state(), 8.0, dict(trainer.family.network_config))
+    qkv = "lora_unet_double_blocks_0_txt_attn_qkv"
+    assert kohya[qkv + ".lora_down.weight"].shape == (12, 16) and kohya[qkv + ".lora_up.weight"].shape == (48, 12)
+    assert float(kohya[qkv + ".alpha"]) == 24.0 and float(kohya["lora_unet_double_blocks_0_txt_attn_proj.alpha"]) == 8
+    assert not kohya[qkv + ".lora_up.weight"][:16, 4:].any()  # block-diagonal: q's rows see only q's rank
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    loaded = FluxPipeline.from_pretrained(tiny_flux)
+    loaded.load_lora_weights(str(tmp_path / "kohya.safetensors"))
+    with trainer.family.pipeline() as policy:
+        np.testing.assert_allclose(_image(loaded), _image(policy), atol=1e-5)
+    assert bfl_name("single_transformer_blocks.7.proj_mlp") == ("lora_unet_single_blocks_7_linear1", 3)
+    assert bfl_name("single_transformer_blocks.7.attn.to_k") == ("lora_unet_single_blocks_7_linear1", 1)
+    assert bfl_name("transformer_blocks.2.attn.to_v") == ("lora_unet_double_blocks_2_img_attn_qkv", 2)
+    with pytest.raises(ValueError, match="norm_out"):
+        bfl_name("norm_out.linear")
 
 
 def test_sd3_without_t5_trains_with_zeros_in_its_place(tiny_sd3, feedback, tmp_path):

@@ -291,10 +291,11 @@ class FlowTransformerFamily:
         ``transformer/`` (``from_pretrained``)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        if self.lora_rank > 0:
+        if self.lora_rank > 0:  # the adapter config in the header: the loader scales by lora_alpha / r as training did
             pipeline = import_class(self.pipeline_class)
+            config = unwrap(self.transformer).peft_config["default"].to_dict()
             pipeline.save_lora_weights(out, transformer_lora_layers=self.trainable_state(model_state),
-                                       safe_serialization=True)
+                                       transformer_lora_adapter_metadata=config, safe_serialization=True)
             return [str(out / "pytorch_lora_weights.safetensors")]
         transformer = unwrap(self.transformer) if model_state is None else self._plain(model_state)
         transformer.save_pretrained(out / "transformer", safe_serialization=True)
