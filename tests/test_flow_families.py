@@ -286,3 +286,15 @@ def test_full_finetune_export_samples_through_load_pipeline_and_the_cli(tiny_sd3
                 "--steps", "2", "--resolution", "16", "--out", str(tmp_path / "samples"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list((tmp_path / "samples").glob("*.png"))) == 1
+
+
+def test_dkto_eval_compares_a_flux_lora_with_its_base(tiny_flux, feedback, tmp_path):
+    from diffusion_kto.cli import main
+
+    DiffusionKTOTrainer(_cfg(tiny_flux, feedback, tmp_path / "run", **{"lora.rank": 4, "optim.lr": 1e-2})).train()
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    args = ["eval", "--models", f"aligned={tiny_flux}+lora:{tmp_path / 'run'}", f"base={tiny_flux}", "--prompts",
+            str(tmp_path / "prompts.txt"), "--metrics", "toy:preference", "--images-per-prompt", "2", "--steps", "2",
+            "--resolution", "16", "--device", "cpu", "--out", str(tmp_path / "eval")]
+    assert main(args) == 0
+    assert (tmp_path / "eval" / "report.md").is_file()
