@@ -134,8 +134,8 @@ def main() -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     start = time.perf_counter()
-    folder = build_folder(args.family, Path(args.model_dir or f"/tmp/{args.family}-{'tiny' if args.tiny else 'random'}"),
-                          args.tiny)
+    default_dir = f"/tmp/{args.family}-{'tiny' if args.tiny else 'random'}"
+    folder = build_folder(args.family, Path(args.model_dir or default_dir), args.tiny)
     built = time.perf_counter() - start
     settings = BenchSettings(model=str(folder), batch_size=args.batch_size,
                              resolution=64 if args.tiny else args.resolution, adapters=("lora",), lora_rank=16,

@@ -97,7 +97,7 @@ def _add_toy(sub) -> None:
     pre.add_argument("--out", required=True)
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--family", choices=("sd", "flow"), default="sd",
-                     help="sd: the `toy` model (UNet, DDPM); flow: the `toy-flow` model (SD3 transformer, rectified flow)")
+                     help="sd: the `toy` model (UNet, DDPM); flow: `toy-flow` (SD3 transformer, rectified flow)")
     pre.set_defaults(func=_run_toy_pretrain)
 
 
@@ -286,8 +286,8 @@ def _add_eval(sub) -> None:
                    help="scorer option, e.g. aesthetic.clip=/models/clip-vit-large-patch14 or clip.batch_size=16")
     p.add_argument("--images-per-prompt", type=int, default=5, help="N of the median-of-N protocol (paper: 5)")
     p.add_argument("--seed", type=int, default=0, help="image k of prompt i uses seed + 1000*i + k in every model")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; the toy demo's 20 for toy)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5; 3.0 for toy)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; the toy demos' 20 for toy and toy-flow)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5; 3.0 for toy, 1.0 for toy-flow)")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's; 32 for toy)")
     p.add_argument("--batch-size", type=int, default=8, help="images per generation batch")
     p.add_argument("--score-batch-size", type=int, default=32, help="images per scorer batch")

@@ -80,7 +80,7 @@ def test_demo_on_the_flow_toy_uses_its_own_config_and_exports_the_transformer(tm
         pytest.skip("toy-flow weights not shipped in this checkout")
     settings = DemoSettings(out=tmp_path / "demo", model="toy-flow", budget=8, groups_per_prompt=1,
                             overrides=("train.max_steps=1", "train.batch_size=4"))
-    assert settings.config.name == "toy-flow-kto.yaml" and settings.sampling == demo.SAMPLING
+    assert settings.config.name == "toy-flow-kto.yaml" and settings.sampling == demo.FLOW_SAMPLING
     metrics = run_demo(settings)
     assert (tmp_path / "demo" / "model" / "transformer" / "config.json").is_file()
     assert metrics["settings"]["config"].endswith("toy-flow-kto.yaml") and metrics["train"]["steps"] == 1
