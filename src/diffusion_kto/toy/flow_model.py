@@ -94,9 +94,16 @@ def build_pipeline(seed: int = 0, vae: AutoencoderKL | None = None) -> StableDif
 
 
 def save_pipeline(pipe: StableDiffusion3Pipeline, out_dir: str | Path) -> Path:
-    """save_pretrained in safetensors, plus the CLIP tokenizers' vocab.json and merges.txt."""
+    """save_pretrained in safetensors, plus the CLIP tokenizers' vocab.json and merges.txt; tokenizer_3 is listed as
+    T5TokenizerFast (as in the SD3 releases): transformers 5 names its one T5 tokenizer T5Tokenizer, which transformers
+    4 would read as the sentencepiece one, which has no file here."""
+    import json
+
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
     for name in ("tokenizer", "tokenizer_2"):
         model.write_tokenizer_files(out / name)
+    index = json.loads((out / "model_index.json").read_text())
+    index["tokenizer_3"] = ["transformers", "T5TokenizerFast"]
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return out
