@@ -1,13 +1,15 @@
 """Demo configs x feedback seeds, in parallel worker processes (CPU or GPU), with a larger held-out evaluation than
 the demo's, so that configs can be told apart from the noise of one 72-comparison run.
 
-    python benchmarks/demo_grid.py prepare OUT --seed S [--groups G] [--budget N]   feedback of `dkto demo --seed S`
-                                                          and the base's scores on G seed groups (default 32)
+    python benchmarks/demo_grid.py prepare OUT --seed S [--groups G] [--budget N] [--model toy-flow]
+                                                          feedback of `dkto demo --seed S [--model M]` and the
+                                                          base's scores on G seed groups (default 32)
     python benchmarks/demo_grid.py work OUT GRID --worker I --workers N  jobs I, I+N, ... of GRID x prepared seeds
     python benchmarks/demo_grid.py summary OUT [--groups 8]              pooled win rate per config, and the share of
                                                                          demo-sized (8-group) slices at >= 80%
 
-GRID is a text file, one config per line: NAME [key=value ...] (overrides of configs/toy-kto.yaml); '#' comments.
+GRID is a text file, one config per line: NAME [key=value ...] (overrides of the model's demo config,
+configs/toy-kto.yaml or configs/toy-flow-kto.yaml); '#' comments. A folder OUT holds one model's seeds.
 Each job writes OUT/results/NAME_sS.json (aligned and base per-image scores, fidelity, diversity) once it is done,
 so an interrupted grid resumes where it stopped. Results for benchmarks/results/demo-sweep.md.
 """
@@ -28,7 +30,7 @@ from diffusion_kto.evaluation import winrate
 from diffusion_kto.provenance import commit, machine
 from diffusion_kto.sampling import load_pipeline
 from diffusion_kto.toy import judges
-from diffusion_kto.apps.demo import CONFIG, DemoSettings, collect_feedback, judge_model, trained_pipeline
+from diffusion_kto.apps.demo import DemoSettings, collect_feedback, judge_model, trained_pipeline
 from diffusion_kto.train import DiffusionKTOTrainer
 
 
@@ -38,17 +40,17 @@ def scores_of(pipe, settings: DemoSettings) -> dict:
     return {"scores": r["scores"].round(5).tolist(), **{k: r[k] for k in ("fidelity", "diversity", "liked_share")}}
 
 
-def prepare(out: Path, seed: int, groups: int, budget: int = 1024) -> None:
+def prepare(out: Path, seed: int, groups: int, budget: int = 1024, model: str = "toy") -> None:
     """The demo's feedback at ``seed`` and the base model's held-out scores."""
     folder = out / f"seed{seed}"
     if (folder / "base.json").is_file():
         return
-    settings = DemoSettings(seed=seed, groups_per_prompt=groups, budget=budget)
-    base = load_pipeline("toy")
+    settings = DemoSettings(seed=seed, groups_per_prompt=groups, budget=budget, model=model)
+    base = load_pipeline(model)
     if folder.exists():
         shutil.rmtree(folder)  # a half-prepared seed from an interrupted run
     feedback = collect_feedback(base, judges.preference, settings, folder / "feedback")
-    record = {"seed": seed, "groups": groups, "feedback": feedback, **scores_of(base, settings)}
+    record = {"seed": seed, "groups": groups, "model": model, "feedback": feedback, **scores_of(base, settings)}
     (folder / "base.json").write_text(json.dumps(record))
 
 
@@ -65,15 +67,16 @@ def read_grid(path: Path) -> list[tuple[str, list[str]]]:
 def run_job(out: Path, name: str, overrides: list[str], seed: int) -> None:
     """Train one config on one seed's feedback and score it on that seed's held-out images."""
     base = json.loads((out / f"seed{seed}" / "base.json").read_text())
-    settings = DemoSettings(seed=seed, groups_per_prompt=base["groups"])
+    model = base.get("model", "toy")
+    settings = DemoSettings(seed=seed, groups_per_prompt=base["groups"], model=model)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(CONFIG, [f"data.path={out / f'seed{seed}' / 'feedback' / 'feedback.jsonl'}",
+        cfg = load_config(settings.config, [f"data.path={out / f'seed{seed}' / 'feedback' / 'feedback.jsonl'}",
                                    f"train.output_dir={tmp}/model", "train.overwrite=true", "log.every=50",
                                    f"train.seed={seed}", *overrides])
         start = time.perf_counter()
         trained = DiffusionKTOTrainer(cfg).train()
         train_s = time.perf_counter() - start
-        aligned = trained_pipeline("toy", trained)
+        aligned = trained_pipeline(model, trained)
         record = {"name": name, "overrides": overrides, "seed": seed, "train_s": round(train_s, 1),
                   "commit": commit(), "machine": machine(), **scores_of(aligned, settings)}
     target = out / "results" / f"{name}_s{seed}.json"
@@ -141,12 +144,13 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare"); p.add_argument("out", type=Path); p.add_argument("--seed", type=int, required=True)
     p.add_argument("--groups", type=int, default=32); p.add_argument("--budget", type=int, default=1024)
+    p.add_argument("--model", default="toy", help="toy or toy-flow (or a folder in one of their formats)")
     w = sub.add_parser("work"); w.add_argument("out", type=Path); w.add_argument("grid", type=Path)
     w.add_argument("--worker", type=int, default=0); w.add_argument("--workers", type=int, default=1)
     s = sub.add_parser("summary"); s.add_argument("out", type=Path); s.add_argument("--groups", type=int, default=8)
     args = parser.parse_args()
     if args.command == "prepare":
-        prepare(args.out, args.seed, args.groups, args.budget)
+        prepare(args.out, args.seed, args.groups, args.budget, args.model)
     elif args.command == "work":
         work(args.out, args.grid, args.worker, args.workers)
     else:

@@ -11,6 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tiny import build_tiny_sd, build_tiny_sdxl, write_feedback  # noqa: E402
+from tiny_flow import build_tiny_flux, build_tiny_sd3  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +30,18 @@ def tiny_sd_v(tmp_path_factory) -> Path:
 def tiny_sdxl(tmp_path_factory) -> Path:
     """A tiny epsilon-prediction SDXL pipeline folder."""
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """A tiny SD3 pipeline folder (two CLIP encoders and T5)."""
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A tiny FLUX.1 [dev]-like pipeline folder (CLIP, T5, a guidance embedding)."""
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny_flux"))
 
 
 @pytest.fixture

@@ -79,7 +79,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--model", required=True, help="hub id, local diffusers folder, or 'toy'")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--lora", help="folder holding pytorch_lora_weights.safetensors")
-    group.add_argument("--unet", help="folder holding a diffusers UNet (or a run folder with unet/)")
+    group.add_argument("--unet", help="a full fine-tune's network: a diffusers UNet or SD3 / Flux transformer folder, "
+                                      "or a run folder with unet/ or transformer/")
     p.add_argument("--vae", default=None, help="a separate VAE (folder or hub id), e.g. an fp16-safe SDXL VAE")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--seed", type=int, default=0)
@@ -116,9 +117,12 @@ def _run_export(args) -> int:
 def _add_toy(sub) -> None:
     p = sub.add_parser("toy", help="the tiny shapes world: pretrain its base model")
     toy = p.add_subparsers(dest="toy_command", required=True)
-    pre = toy.add_parser("pretrain", help="train the tiny shapes-world Stable Diffusion from scratch on CPU")
+    pre = toy.add_parser("pretrain", help="train a tiny shapes-world model from scratch on CPU: Stable Diffusion "
+                                          "(--family sd) or the flow-matching SD3-format one (--family flow)")
     pre.add_argument("--out", required=True)
     pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--family", choices=("sd", "flow"), default="sd",
+                     help="sd: the `toy` model (UNet, DDPM); flow: `toy-flow` (SD3 transformer, rectified flow)")
     pre.set_defaults(func=_run_toy_pretrain)
 
 
@@ -133,7 +137,8 @@ def _add_demo(sub) -> None:
                    help="a shapes-world judge (preference, fidelity, aesthetic, ...), provider:name, "
                         "package.module:callable, or path/to/file.py:callable")
     p.add_argument("--budget", type=int, default=1024, help="feedback images to generate and judge")
-    p.add_argument("--model", default="toy", help="base pipeline (default: the shipped shapes-world model)")
+    p.add_argument("--model", default="toy", help="base pipeline: toy (default, the shipped shapes-world SD model), "
+                                                  "toy-flow (its flow-matching SD3-format sibling) or a folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threshold", type=float, default=None, help="liked = judge score >= threshold (default 0.85)")
     p.add_argument("--label-noise", type=float, default=0.0, help="probability of flipping each label")
@@ -141,19 +146,20 @@ def _add_demo(sub) -> None:
     p.add_argument("--guard", type=float, default=0.9,
                    help="the aligned model fails its guard below this share of the base's prompt fidelity ...")
     p.add_argument("--diversity-guard", type=float, default=0.6, help="... or below this share of its diversity")
-    p.add_argument("--config", default=None, help="training config (default: configs/toy-kto.yaml)")
+    p.add_argument("--config", default=None, help="training config (default: the model's, configs/toy-kto.yaml for "
+                                                  "toy, configs/toy-flow-kto.yaml for toy-flow)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args) -> int:
-    from .apps.demo import CONFIG, DemoSettings, run_demo
+    from .apps.demo import DemoSettings, run_demo
 
     settings = DemoSettings(out=Path(args.out), model=args.model, judge=args.judge, budget=args.budget, seed=args.seed,
                             threshold=DemoSettings.threshold if args.threshold is None else args.threshold,
                             label_noise=args.label_noise, groups_per_prompt=args.groups, guard=args.guard,
                             diversity_guard=args.diversity_guard,
-                            config=Path(args.config) if args.config else CONFIG, overrides=tuple(args.overrides))
+                            config=Path(args.config) if args.config else None, overrides=tuple(args.overrides))
     run_demo(settings)
     return 0
 
@@ -215,9 +221,9 @@ def _run_sample(args) -> int:
 
 
 def _run_toy_pretrain(args) -> int:
-    from .toy.pretrain import pretrain
+    from .toy import pretrain
 
-    pretrain(out_dir=args.out, seed=args.seed)
+    pretrain(args.family, out_dir=args.out, seed=args.seed)
     return 0
 
 
@@ -309,8 +315,8 @@ def _add_eval(sub) -> None:
                    help="scorer option, e.g. aesthetic.clip=/models/clip-vit-large-patch14 or clip.batch_size=16")
     p.add_argument("--images-per-prompt", type=int, default=5, help="N of the median-of-N protocol (paper: 5)")
     p.add_argument("--seed", type=int, default=0, help="image k of prompt i uses seed + 1000*i + k in every model")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; the toy demo's 20 for toy)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5; 3.0 for toy)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; the toy demos' 20 for toy and toy-flow)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5; 3.0 for toy, 1.0 for toy-flow)")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's; 32 for toy)")
     p.add_argument("--batch-size", type=int, default=8, help="images per generation batch")
     p.add_argument("--score-batch-size", type=int, default=32, help="images per scorer batch")

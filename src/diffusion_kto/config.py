@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .flow import LAWS, WEIGHTINGS
 from .objectives import OBJECTIVES, objective_class
 
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "to_dict", "validate"]
@@ -49,6 +50,9 @@ class ModelConfig:
     # a separate VAE (folder or hub id of a diffusers AutoencoderKL) instead of the pipeline's own, e.g. an fp16-safe
     # SDXL VAE; None = the pipeline's vae/
     vae: str | None = None
+    drop_t5: bool = False  # SD3 / SD3.5: leave T5 unloaded, zeros in its place (as the pipeline without text_encoder_3)
+    # FLUX.1 [dev]: the guidance embedding's value in training; null = 3.5 (FluxPipeline's default). Not for [schnell]
+    guidance_scale: float | None = None
 
 
 @dataclass
@@ -108,6 +112,18 @@ class LossConfig:
 
 
 @dataclass
+class FlowConfig:
+    """Flow-matching families (SD3 / SD3.5, FLUX.1): the sigma law and the loss weighting (docs/method.md)."""
+
+    timesteps: str = _choice("logit_normal", LAWS, "sigma law before the shift: SD3 and Flux were trained logit-normal")
+    logit_mean: float = 0.0  # m of logit_normal (and of the logit_normal weighting)
+    logit_std: float = _positive(1.0, "s of logit_normal (and of the logit_normal weighting)")
+    mode_scale: float = 1.29  # s of mode sampling / weighting, in [-1, 2 / (pi - 2)] (SD3 §3.1)
+    shift: float | None = None  # sigma' = s sigma / (1 + (s-1) sigma); null = the model's (SD3: scheduler; Flux: by size)
+    weighting: str = _choice("none", WEIGHTINGS, "per-sample weight of the errors: the density of that law at sigma")
+
+
+@dataclass
 class OptimConfig:
     """AdamW (or bitsandbytes 8-bit AdamW) with a warm-up schedule."""
 
@@ -161,6 +177,7 @@ class Config:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -274,6 +291,7 @@ def _validate_cross_fields(cfg: Config) -> None:
         raise ConfigError("data.cache: a cache is keyed by the rows of a feedback dataset loaded up front, which "
                           "data.streaming=true never loads; drop one of the two")
     _validate_amortized_reference(cfg)
+    _validate_flow(cfg)
     objective_class(cfg.loss.name).check(cfg)  # the objective's own rules (e.g. mismatched pairs need a batch)
 
 
@@ -290,6 +308,19 @@ def _validate_amortized_reference(cfg: Config) -> None:
         raise ConfigError(f"loss.reference_fraction: must be > 0, got {lc.reference_fraction}")
     if lc.reference_decay >= 1:
         raise ConfigError(f"loss.reference_decay: must be < 1 (1 would never update), got {lc.reference_decay}")
+
+
+def _validate_flow(cfg: Config) -> None:
+    """The mode law is a monotone map only for s in [-1, 2/(pi-2)]; a shift must be positive; a guidance finite > 0."""
+    f = cfg.flow
+    if not -1.0 <= f.mode_scale <= 2 / (math.pi - 2):
+        raise ConfigError(f"flow.mode_scale: must be in [-1, {2 / (math.pi - 2):.3f}] (beyond it the mode law is not "
+                          f"monotone), got {f.mode_scale}")
+    if f.shift is not None and not (math.isfinite(f.shift) and f.shift > 0):
+        raise ConfigError(f"flow.shift: must be > 0 (1 = no shift) or null for the model's own, got {f.shift}")
+    g = cfg.model.guidance_scale
+    if g is not None and not (math.isfinite(g) and g >= 0):
+        raise ConfigError(f"model.guidance_scale: must be a number >= 0, or null for 3.5, got {g}")
 
 
 def _exists(path: str) -> bool:

@@ -74,3 +74,17 @@ def test_bare_judge_names_are_the_shapes_worlds_and_other_specs_pass_through(tmp
     assert demo_judge(f"{path}:half")([None, None], ["a", "b"]).tolist() == [0.5, 0.5]  # checked: a float array
     with pytest.raises(ValueError, match="'no_such_judge': not a registered judge"):
         demo_judge("no_such_judge")
+
+
+def test_demo_on_the_flow_toy_uses_its_own_config_and_exports_the_transformer(tmp_path):
+    from diffusion_kto.toy import flow_weights_dir
+
+    if not (flow_weights_dir() / "model_index.json").exists():
+        pytest.skip("toy-flow weights not shipped in this checkout")
+    settings = DemoSettings(out=tmp_path / "demo", model="toy-flow", budget=8, groups_per_prompt=1,
+                            overrides=("train.max_steps=1", "train.batch_size=4"))
+    assert settings.config.name == "toy-flow-kto.yaml" and settings.sampling == demo.FLOW_SAMPLING
+    metrics = run_demo(settings)
+    assert (tmp_path / "demo" / "model" / "transformer" / "config.json").is_file()
+    assert metrics["settings"]["config"].endswith("toy-flow-kto.yaml") and metrics["train"]["steps"] == 1
+    assert (tmp_path / "demo" / "report.html").is_file()

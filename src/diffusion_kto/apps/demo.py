@@ -1,7 +1,8 @@
 """`dkto demo`: the whole align-from-likes loop on the shapes world, on a CPU, in minutes.
 
-Shipped base model -> images for the training prompts -> a judge's likes and dislikes -> a feedback dataset
-(images + JSONL) -> Diffusion-KTO with ``configs/toy-kto.yaml`` -> base vs aligned on held-out prompts and
+Shipped base model (``toy``, or the flow-matching ``toy-flow``) -> images for the training prompts -> a judge's likes
+and dislikes -> a feedback dataset (images + JSONL) -> Diffusion-KTO with the model's config (``configs/toy-kto.yaml``,
+``configs/toy-flow-kto.yaml``) -> base vs aligned on held-out prompts and
 seeds with the paper's protocol (N images per prompt, median-scored image compared, binomial 95% CI, §5)
 -> ``report.md``, ``report.html``, ``metrics.json`` and an image grid."""
 from __future__ import annotations
@@ -28,8 +29,14 @@ from ..train.model_card import add_eval_results
 from .reward_guards import DEFAULT_DIVERSITY_SHARE, DEFAULT_SHARE, guard_verdict
 from ..toy import judges, world
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy-kto.yaml"
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIG = CONFIGS / "toy-kto.yaml"
 SAMPLING = {"steps": 20, "guidance": 3.0, "resolution": world.SIZE}
+# the flow toy without classifier-free guidance: at guidance 3 it draws almost only clean shapes, at 1 (its learned
+# distribution) the corpus's flaws come through as in the SD toy at 3 (toy/weights-flow/README.md)
+FLOW_SAMPLING = {"steps": 20, "guidance": 1.0, "resolution": world.SIZE}
+# each shipped model's demo: its training config and sampling (a folder of another format: pass --config)
+MODELS = {"toy": (CONFIG, SAMPLING), "toy-flow": (CONFIGS / "toy-flow-kto.yaml", FLOW_SAMPLING)}
 
 
 @dataclass
@@ -48,11 +55,17 @@ class DemoSettings:
     label_noise: float = 0.0  # probability of flipping a label (inconsistent people)
     images_per_prompt: int = 5  # N of the paper's median-of-N protocol
     groups_per_prompt: int = 8  # independent seed groups per held-out prompt: comparisons = prompts x groups
-    config: Path = CONFIG
+    config: Path | None = None  # None: the model's own (MODELS), toy-kto.yaml for a folder
     overrides: Sequence[str] = ()
     guard: float = DEFAULT_SHARE  # the aligned model must keep this share of the base's prompt fidelity ...
     diversity_guard: float = DEFAULT_DIVERSITY_SHARE  # ... and this share of its diversity (apps/reward_guards.py)
     timings: dict[str, float] = field(default_factory=dict)
+    sampling: dict | None = None  # None: the model's own (MODELS)
+
+    def __post_init__(self):
+        config, sampling = MODELS.get(self.model, MODELS["toy"])
+        self.config = Path(self.config) if self.config is not None else config
+        self.sampling = dict(self.sampling if self.sampling is not None else sampling)
 
 
 SCORE_BOUNDS = (0.0, 1.0)  # a demo judge scores each image in [0, 1]; liked = score >= --threshold
@@ -82,7 +95,7 @@ def collect_feedback(pipe, judge, settings: DemoSettings, folder: Path) -> dict[
     prompts = world.train_prompts()
     chosen = [prompts[i % len(prompts)] for i in range(settings.budget)]
     seeds = [settings.seed * 1_000_000 + i for i in range(settings.budget)]
-    images = generate(pipe, chosen, seeds, batch_size=64, progress=True, **SAMPLING)
+    images = generate(pipe, chosen, seeds, batch_size=64, progress=True, **settings.sampling)
     scores = np.asarray(judge(images, chosen), dtype=float)
     liked = judges.label(scores, settings.threshold, settings.label_noise, rng=settings.seed)
     (folder / "images").mkdir(parents=True)
@@ -109,7 +122,7 @@ def eval_images(pipe, settings: DemoSettings, condition: Callable[[str], str] | 
                 prompts.append(prompt)
                 seeds.append(10_000_000 + settings.seed * 100_000 + (p_idx * groups + g) * n + k)
     shown = [condition(p) for p in prompts] if condition else prompts
-    images = generate(pipe, shown, seeds, batch_size=64, progress=True, **SAMPLING)
+    images = generate(pipe, shown, seeds, batch_size=64, progress=True, **settings.sampling)
     return images, prompts, np.asarray(seeds)
 
 
@@ -159,7 +172,7 @@ def run_demo(settings: DemoSettings) -> dict:
 
 
 def trained_pipeline(model: str, trained, device: str | None = None):
-    """The base pipeline with a finished run's export on top: its LoRA adapters, or its full UNet."""
+    """The base pipeline with a finished run's export on top: its LoRA adapters, or its full UNet / transformer."""
     exported = Path(trained.exported[0])
     if exported.suffix == ".safetensors":  # pytorch_lora_weights.safetensors in the run's folder
         return load_pipeline(model, device=device, lora=str(exported.parent))
@@ -211,7 +224,7 @@ def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained
         "settings": {"judge": settings.judge, "budget": settings.budget, "seed": settings.seed,
                      "threshold": settings.threshold, "label_noise": settings.label_noise,
                      "images_per_prompt": n, "groups_per_prompt": settings.groups_per_prompt,
-                     "held_out_prompts": len(world.eval_prompts()), "sampling": SAMPLING,
+                     "held_out_prompts": len(world.eval_prompts()), "sampling": settings.sampling,
                      "config": str(settings.config), "overrides": list(settings.overrides),
                      "guards": [settings.guard, settings.diversity_guard]},
         "run": {"command": " ".join(["dkto", *sys.argv[1:]]) if sys.argv else "dkto demo",

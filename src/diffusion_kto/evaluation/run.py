@@ -36,6 +36,8 @@ from .scorers import Metric, parse_metrics, resolve_device
 from .specs import EvalError, ModelSpec
 
 TOY_SAMPLING = {"steps": 20, "guidance": 3.0, "resolution": 32}  # the demo's sampling (apps/demo.py SAMPLING)
+# the shipped shapes-world models, sampled like their demos (apps/demo.py MODELS)
+TOY_MODELS = {"toy": TOY_SAMPLING, "toy-flow": {"steps": 20, "guidance": 1.0, "resolution": 32}}
 DEFAULT_SAMPLING = {"steps": 50, "guidance": 7.5, "resolution": None}
 SEED_STRIDE = 1000  # seeds of prompt i are seed + SEED_STRIDE * i + k, so N is at most SEED_STRIDE
 
@@ -70,9 +72,10 @@ class EvalSettings:
     timings: dict = field(default_factory=dict)
 
     def sampling(self) -> dict:
-        """steps, guidance and resolution: given values, else the toy demo's when every base is 'toy', else 50/7.5."""
-        toy = all(m.base == "toy" for m in self.models)
-        default = TOY_SAMPLING if toy else DEFAULT_SAMPLING
+        """steps, guidance and resolution: given values, else the demo's when every base is the same shipped toy
+        model (toy, toy-flow), else 50/7.5."""
+        bases = {m.base for m in self.models}
+        default = TOY_MODELS[next(iter(bases))] if len(bases) == 1 and bases <= set(TOY_MODELS) else DEFAULT_SAMPLING
         return {"steps": self.steps if self.steps is not None else default["steps"],
                 "guidance": self.guidance if self.guidance is not None else default["guidance"],
                 "resolution": self.resolution if self.resolution is not None else default["resolution"],

@@ -78,8 +78,9 @@ def _check_name(name: str, text: str) -> str:
 
 
 def _unet_dir(folder: Path) -> Path | None:
-    """The UNet folder inside a run folder or the folder itself; None when neither holds a config.json."""
-    for cand in (folder / "unet", folder):
+    """The UNet (or SD3 / Flux transformer) folder inside a run folder, or the folder itself; None when none holds a
+    config.json."""
+    for cand in (folder / "unet", folder / "transformer", folder):
         if (cand / "config.json").is_file():
             return cand
     return None

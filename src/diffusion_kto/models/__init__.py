@@ -2,6 +2,7 @@
 pipeline class (``model_index.json``'s ``_class_name``) to its family, the only place that names them."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,16 +11,21 @@ import torch
 from .. import registry
 from ..config import ConfigError
 from .base import DiffusionFamily, unwrap
+from .flux import Flux
 from .loading import is_hub_id, loading_error, locate
+from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 from .stable_diffusion import StableDiffusion
 
-__all__ = ["DiffusionFamily", "FAMILIES", "StableDiffusion", "StableDiffusionXL", "component_fingerprint", "family_of",
-           "load_family", "resolve_pretrained", "unwrap", "vae_fingerprint"]
+__all__ = ["DiffusionFamily", "FAMILIES", "Flux", "StableDiffusion", "StableDiffusion3", "StableDiffusionXL",
+           "call_options", "component_fingerprint", "family_of", "load_family", "resolve_pretrained",
+           "sampling_scheduler", "text_components", "unwrap", "vae_fingerprint"]
 
 # pipeline class -> family
-FAMILIES: dict[str, type] = {"StableDiffusionPipeline": StableDiffusion,
-                             "StableDiffusionXLPipeline": StableDiffusionXL}
+FAMILIES: dict[str, type] = {"StableDiffusionPipeline": StableDiffusion, "StableDiffusionXLPipeline": StableDiffusionXL,
+                             "StableDiffusion3Pipeline": StableDiffusion3, "FluxPipeline": Flux}
+# config keys (or sections) that only some families read; a family lists those it reads in its ``reads``
+FAMILY_KEYS = ("flow", "model.drop_t5", "model.guidance_scale", "model.vae")
 
 
 def resolve_pretrained(name: str) -> str:
@@ -101,6 +107,54 @@ def _folder_fingerprint(folder: Path, hint: str) -> str:
     return digest.hexdigest()
 
 
+def _set_keys(cfg, key: str) -> list[str]:
+    """The dotted keys under ``key`` (a key or a section) whose value differs from the default."""
+    from ..config import Config
+
+    section, _, name = key.partition(".")
+    ours, default = getattr(cfg, section), getattr(Config(), section)
+    names = [name] if name else [f.name for f in dataclasses.fields(ours)]
+    return [f"{section}.{n}" for n in names if getattr(ours, n) != getattr(default, n)]
+
+
+def refuse_unread(cfg, family: type, pretrained: str) -> None:
+    """ConfigError naming a family-specific key that is set but that this model's family does not read (a flow.*
+    key on SD 1.x, model.drop_t5 on Flux, model.guidance_scale on SD3, ...)."""
+    reads = getattr(family, "reads", frozenset())
+    for key in FAMILY_KEYS:
+        if key in reads:
+            continue
+        for name in _set_keys(cfg, key):
+            users = [cls for cls, fam in FAMILIES.items() if key in getattr(fam, "reads", ())]
+            raise ConfigError(f"{name}: applies to {', '.join(users)} models only; {cfg.model.pretrained!r} is a "
+                              f"{model_index(pretrained, cfg.model.revision).get('_class_name')} (leave {name} unset)")
+
+
+def text_components(cfg) -> tuple[str, ...]:
+    """The pipeline folders a text-embedding cache of this run depends on (text encoders used and tokenizers)."""
+    m = cfg.model
+    pretrained = locate(resolve_pretrained(m.pretrained), "model.pretrained", revision=m.revision)
+    family = family_of(pretrained, m.revision)
+    return family.text_components(family.options(cfg) if hasattr(family, "options") else {})
+
+
+def sampling_scheduler(pipe):
+    """The scheduler a loaded pipeline samples with here: its family's choice (flow families keep their flow-matching
+    Euler sampler), else DDIM from the pipeline's scheduler config (SD 1.x / 2.x)."""
+    own = getattr(FAMILIES.get(type(pipe).__name__), "sampler", None)
+    if own is not None:
+        return own(pipe.scheduler)
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(pipe.scheduler.config)
+
+
+def call_options(pipe) -> dict:
+    """Extra keywords of ``pipe(...)`` that make it sample as its family trains (SD3 / Flux: the T5 context)."""
+    own = getattr(FAMILIES.get(type(pipe).__name__), "call_options", None)
+    return own(pipe) if own is not None else {}
+
+
 def load_family(cfg, *, weight_dtype: torch.dtype, device: torch.device | str, with_reference: bool = True,
                 components: tuple[str, ...] = ("unet", "vae", "text_encoder")) -> DiffusionFamily:
     """Build the model family described by a :class:`~diffusion_kto.config.Config` (only ``components`` loaded);
@@ -108,6 +162,10 @@ def load_family(cfg, *, weight_dtype: torch.dtype, device: torch.device | str, w
     m = cfg.model
     pretrained = locate(resolve_pretrained(m.pretrained), "model.pretrained", revision=m.revision)
     family = family_of(pretrained, m.revision)
+    if hasattr(family, "check"):  # the family's own rules first: they say why (e.g. Flux cannot drop T5)
+        family.check(cfg, pretrained, model_index(pretrained, m.revision))
+    refuse_unread(cfg, family, pretrained)
+    options = family.options(cfg) if hasattr(family, "options") else {}
     vae = {} if m.vae is None else {"vae": locate(m.vae, "model.vae", marker="config.json")}  # a separate VAE
     try:
         return family.from_pretrained(
@@ -115,7 +173,7 @@ def load_family(cfg, *, weight_dtype: torch.dtype, device: torch.device | str, w
             **vae,
             lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
             lora_target_modules=tuple(cfg.lora.target_modules), weight_dtype=weight_dtype, device=device,
-            gradient_checkpointing=cfg.train.gradient_checkpointing, with_reference=with_reference,
+            gradient_checkpointing=cfg.train.gradient_checkpointing, with_reference=with_reference, **options,
         )
     except Exception as err:
         friendly = loading_error(err, "model.pretrained", m.pretrained, m.allow_pickle)

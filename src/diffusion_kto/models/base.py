@@ -78,10 +78,11 @@ class DiffusionFamily(Protocol):
     has_reference: bool  # False for objectives that need none (sft, csft with a full fine-tune)
     conditioning: type[Conditioning]  # the family's conditioning class (rebuilt from cached tensors)
     # class attributes read before a model loads (models.family_of gives the class):
-    text_components: tuple[str, ...]  # pipeline folders a text cache is keyed by (text encoders and tokenizers)
+    reads: frozenset[str]  # the family-specific config keys it honours (models.FAMILY_KEYS: flow, model.vae, ...)
     pipeline_kwargs: dict  # extra DiffusionPipeline.from_pretrained keywords for sampling (dkto sample, eval)
     # and the class methods network_config(pretrained, revision) -> dict (the trained network's config, no weights)
     # and lora_source(alpha, network_config) -> lora_formats.LoraSource, for dkto export
+    # and text_components(options) -> the pipeline folders a text cache is keyed by (text encoders and tokenizers)
 
     def trainable_module(self) -> nn.Module:
         """The module whose parameters are optimised (the UNet or transformer, possibly wrapped)."""

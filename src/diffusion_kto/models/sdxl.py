@@ -68,7 +68,7 @@ class StableDiffusionXL(UNetFamily):
 
     conditioning = SDXLConditioning
     pipeline_class = "StableDiffusionXLPipeline"
-    text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    text_folders = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     kohya_layout = "sgm"  # kohya sd-scripts trains SDXL on the original (LDM) UNet and names modules after it
     pipeline_kwargs = {"add_watermarker": False}  # DiffusionPipeline.from_pretrained: images as the model makes them
 

@@ -52,7 +52,7 @@ class StableDiffusion(UNetFamily):
 
     conditioning = TextEmbeddings
     pipeline_class = "StableDiffusionPipeline"
-    text_components = ("text_encoder", "tokenizer")
+    text_folders = ("text_encoder", "tokenizer")
     kohya_layout = "diffusers"  # kohya sd-scripts' SD 1.x / 2.x UNet has diffusers' module paths
     pipeline_kwargs = {"safety_checker": None, "requires_safety_checker": False}  # DiffusionPipeline.from_pretrained
 

@@ -55,13 +55,19 @@ class UNetFamily:
     """The shared half of a UNet family behind :class:`~diffusion_kto.models.base.DiffusionFamily`.
 
     Subclasses set :attr:`conditioning`, :attr:`pipeline_class` (the diffusers pipeline that loads the LoRA and
-    samples), :attr:`text_components` (the folders a text cache is keyed by) and :attr:`kohya_layout`."""
+    samples), :attr:`text_folders` (the folders a text cache is keyed by) and :attr:`kohya_layout`."""
 
     conditioning: type[Conditioning]
     pipeline_class: str
-    text_components: tuple[str, ...]
+    text_folders: tuple[str, ...]
+    reads: frozenset[str] = frozenset({"model.vae"})  # family-specific config keys this family honours
     kohya_layout: str = "diffusers"  # how kohya sd-scripts names this UNet's modules: "diffusers" or "sgm"
     pipeline_kwargs: dict = {}  # extra keywords of DiffusionPipeline.from_pretrained for sampling (dkto sample, eval)
+
+    @classmethod
+    def text_components(cls, options: dict) -> tuple[str, ...]:
+        """The folders a text-embedding cache depends on: the text encoders and their tokenizers."""
+        return cls.text_folders
 
     @classmethod
     def network_config(cls, pretrained: str, revision: str | None = None) -> dict:

@@ -70,11 +70,12 @@ def write_tokenizer_files(folder: str | Path, words: list[str] | None = None) ->
     return folder
 
 
-def build_tokenizer(words: list[str] | None = None) -> CLIPTokenizer:
-    """A CLIPTokenizer over the toy vocabulary, loaded from freshly written vocab.json + merges.txt."""
+def build_tokenizer(words: list[str] | None = None, max_tokens: int = MAX_TOKENS) -> CLIPTokenizer:
+    """A CLIPTokenizer over the toy vocabulary (context ``max_tokens``), loaded from freshly written vocab.json +
+    merges.txt."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_tokenizer_files(tmp, words)
-        return CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TOKENS, pad_token=EOS)
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=max_tokens, pad_token=EOS)
 
 
 def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:

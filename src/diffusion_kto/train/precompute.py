@@ -10,8 +10,7 @@ import torch
 
 from ..config import Config, ConfigError
 from ..data.cache import CacheKey, row_prompts, write_cache
-from ..models import component_fingerprint, family_of, load_family, resolve_pretrained, vae_fingerprint
-from ..models.loading import locate
+from ..models import component_fingerprint, load_family, resolve_pretrained, text_components, vae_fingerprint
 from ..objectives import build_objective
 from .inputs import DTYPES, load_feedback
 
@@ -23,14 +22,14 @@ def cache_key(cfg: Config, *, text: bool) -> CacheKey:
                           "set data.center_crop=true to use data.cache (or drop data.cache)")
     pretrained = resolve_pretrained(cfg.model.pretrained)
     fingerprint = lambda part: component_fingerprint(pretrained, cfg.model.revision, part)  # noqa: E731
-    family = family_of(locate(pretrained, "model.pretrained", revision=cfg.model.revision), cfg.model.revision)
     return CacheKey(
         resolution=cfg.data.resolution,
         center_crop=True,
         flips=(False, True) if cfg.data.random_flip else (False,),
         model=cfg.model.pretrained,
         vae=vae_fingerprint(cfg.model),  # model.vae's files when set, else the pipeline's vae/
-        text_encoder="".join(fingerprint(part) for part in family.text_components) if text else None,
+        # the text encoders used (SD3 with model.drop_t5: not T5) and every tokenizer
+        text_encoder="".join(fingerprint(part) for part in text_components(cfg)) if text else None,
     )
 
 

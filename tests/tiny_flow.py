@@ -1,0 +1,115 @@
+"""Tiny SD3 and FLUX.1 pipelines built from configs, all offline (imported by tests as `tiny_flow`): CLIP tokenizers as
+in `tiny`, a T5 tokenizer built as a `tokenizers` Unigram model, random weights, saved with save_pretrained."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tiny import WORDS, write_tiny_tokenizer
+
+TOKENS = 8  # CLIP and T5 context of the tiny pipelines
+T5_DIM = 32  # T5 width = the transformers' joint attention dim
+
+
+def t5_tokenizer():
+    """A T5TokenizerFast whose Unigram vocabulary holds every tiny word as one piece (characters as fallback)."""
+    from transformers import T5TokenizerFast
+
+    letters = sorted({c for w in WORDS for c in w})
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -1.0) for w in WORDS] + [(c, -5.0) for c in letters]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=TOKENS)
+
+
+def _t5(tokenizer):
+    """A one-layer T5 encoder of width T5_DIM."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=T5_DIM, d_kv=8, d_ff=32, num_layers=1,
+                                   num_heads=2, relative_attention_num_buckets=4, dropout_rate=0.0,
+                                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+
+
+def _clip(folder: Path, cls, seed: int):
+    """A 2-layer CLIP text encoder of width 16 (``cls``: CLIPTextModel or CLIPTextModelWithProjection)."""
+    import torch
+    from transformers import CLIPTextConfig
+
+    torch.manual_seed(seed)
+    return cls(CLIPTextConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, projection_dim=16,
+        vocab_size=len(json.loads((folder / "_tok" / "vocab.json").read_text())), max_position_embeddings=TOKENS,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+
+
+def _vae(shift: float, scale: float):
+    """A tiny AutoencoderKL (16x16 RGB <-> 8x8x4) with the given latent shift and scale."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=16, shift_factor=shift,
+        scaling_factor=scale,
+    )
+
+
+def _clip_tokenizer(folder: Path):
+    """The tiny CLIP tokenizer with a TOKENS context."""
+    from transformers import CLIPTokenizer
+
+    write_tiny_tokenizer(folder / "_tok")
+    return CLIPTokenizer(str(folder / "_tok" / "vocab.json"), str(folder / "_tok" / "merges.txt"),
+                         model_max_length=TOKENS)
+
+
+def build_tiny_sd3(folder: Path, *, t5: bool = True) -> Path:
+    """Save a tiny StableDiffusion3Pipeline (random weights, 16x16 images; without T5 when ``t5`` is False)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer = _clip_tokenizer(folder)
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=T5_DIM, caption_projection_dim=16, pooled_projection_dim=32,
+        pos_embed_max_size=8,
+    )
+    t5_tok = t5_tokenizer()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(0.1, 1.5),
+        text_encoder=_clip(folder, CLIPTextModelWithProjection, 1), tokenizer=tokenizer,
+        text_encoder_2=_clip(folder, CLIPTextModelWithProjection, 2), tokenizer_2=tokenizer,
+        text_encoder_3=_t5(t5_tok) if t5 else None, tokenizer_3=t5_tok,
+    )
+    pipe.save_pretrained(folder / "pipe", safe_serialization=True)
+    return folder / "pipe"
+
+
+def build_tiny_flux(folder: Path, *, guidance: bool = True) -> Path:
+    """Save a tiny FluxPipeline (random weights, 16x16 images; [dev]-like with a guidance embedding, or [schnell]-like
+    without)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    tokenizer = _clip_tokenizer(folder)
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=T5_DIM, pooled_projection_dim=16, guidance_embeds=guidance, axes_dims_rope=(2, 2, 4),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    t5_tok = t5_tokenizer()
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=_vae(0.1159, 0.3611),
+                        text_encoder=_clip(folder, CLIPTextModel, 1), tokenizer=tokenizer,
+                        text_encoder_2=_t5(t5_tok), tokenizer_2=t5_tok)
+    pipe.save_pretrained(folder / "pipe", safe_serialization=True)
+    return folder / "pipe"
