@@ -2,7 +2,6 @@
 method and its settings, the data counts, evaluation results when added, a sample grid, and loading code that runs."""
 import re
 
-import pytest
 import yaml
 
 from tiny import tiny_overrides

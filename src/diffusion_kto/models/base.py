@@ -144,3 +144,35 @@ def unwrap(module: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return module
         module = inner
+
+
+def place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """``module.to(device, dtype)``, naming the dtype only for a real cast (diffusers warns on every dtype in ``to``)."""
+    return module.to(device) if getattr(module, "dtype", None) == dtype else module.to(device, dtype=dtype)
+
+
+def frozen(module: nn.Module | None, device: torch.device, dtype: torch.dtype) -> nn.Module | None:
+    """A no-grad, eval-mode module in the compute dtype (None stays None: the component was not loaded)."""
+    return None if module is None else place(module.requires_grad_(False).eval(), device, dtype)
+
+
+def add_lora(network: nn.Module, device: torch.device, dtype: torch.dtype, rank: int, alpha: float | None,
+             dropout: float, targets: Sequence[str]) -> None:
+    """Freeze ``network`` in the compute dtype and add fp32 LoRA adapters on ``targets`` (B = 0, so the policy starts
+    as the reference); ConfigError when ``targets`` match no layer."""
+    from peft import LoraConfig
+
+    from ..config import ConfigError
+
+    network.requires_grad_(False)
+    place(network, device, dtype)
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                        init_lora_weights="gaussian", target_modules=list(targets))
+    try:
+        network.add_adapter(config)
+    except ValueError as err:
+        raise ConfigError(f"lora.target_modules: {list(targets)} match no layer of this {type(network).__name__} "
+                          f"({str(err).splitlines()[0][:160]})") from None
+    for p in network.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()

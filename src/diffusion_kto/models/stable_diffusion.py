@@ -10,9 +10,9 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from .base import Conditioning
+from .base import Conditioning, frozen
 from .loading import weight_kwargs
-from .unet import COMPONENTS, UNetFamily, frozen, load_vae
+from .unet import COMPONENTS, UNetFamily, load_vae
 
 
 @dataclasses.dataclass(frozen=True)

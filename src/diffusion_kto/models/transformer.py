@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .. import flow
 from ..config import ConfigError, FlowConfig
-from .base import Noised, unwrap
+from .base import Noised, add_lora, frozen, place, unwrap
 from .loading import weight_kwargs
 
 DENOISER = ("unet", "transformer")  # the trainer asks for the denoising network by the name "unet"
@@ -44,16 +44,6 @@ def load_parts(pretrained: str, parts: dict[str, str], wanted: set[str], *, revi
         kw = {"variant": variant, **weight_kwargs(allow_pickle)} if is_model else {}
         loaded[name] = cls.from_pretrained(pretrained, subfolder=name, revision=revision, **kw)
     return loaded
-
-
-def place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """``module.to(device, dtype)``, naming the dtype only for a real cast (diffusers warns on every dtype in ``to``)."""
-    return module.to(device) if getattr(module, "dtype", None) == dtype else module.to(device, dtype=dtype)
-
-
-def frozen(module: nn.Module | None, device: torch.device, dtype: torch.dtype) -> nn.Module | None:
-    """A no-grad, eval-mode module in the compute dtype (None stays None: not loaded)."""
-    return None if module is None else place(module.requires_grad_(False).eval(), device, dtype)
 
 
 class FlowTransformerFamily:
@@ -144,20 +134,7 @@ class FlowTransformerFamily:
     def _add_lora(self, rank: int, alpha: float | None, dropout: float, targets: tuple[str, ...]) -> None:
         """Freeze the transformer in the compute dtype and add fp32 LoRA adapters on ``targets`` (B = 0: the policy
         starts as the reference)."""
-        from peft import LoraConfig
-
-        self.transformer.requires_grad_(False)
-        place(self.transformer, self.device, self.weight_dtype)
-        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                            init_lora_weights="gaussian", target_modules=list(targets))
-        try:
-            self.transformer.add_adapter(config)
-        except ValueError as err:
-            raise ConfigError(f"lora.target_modules: {list(targets)} match no layer of this "
-                              f"{type(self.transformer).__name__} ({str(err).splitlines()[0][:160]})") from None
-        for p in self.transformer.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        add_lora(self.transformer, self.device, self.weight_dtype, rank, alpha, dropout, targets)
 
     @property
     def has_reference(self) -> bool:

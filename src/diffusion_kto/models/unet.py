@@ -16,20 +16,10 @@ from torch import Tensor, nn
 
 from .. import diffusion
 from . import lora_formats
-from .base import Conditioning, Noised, unwrap
+from .base import Conditioning, Noised, add_lora, frozen, place, unwrap
 
 COMPONENTS = ("unet", "vae", "text_encoder")  # roles: "text_encoder" stands for every text encoder of a family
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """``module.to(device, dtype)``, naming the dtype only for a real cast (diffusers warns on every dtype in ``to``)."""
-    return module.to(device) if getattr(module, "dtype", None) == dtype else module.to(device, dtype=dtype)
-
-
-def frozen(module: nn.Module | None, device: torch.device, dtype: torch.dtype) -> nn.Module | None:
-    """A no-grad, eval-mode module in the compute dtype (None stays None: the component was not loaded)."""
-    return None if module is None else place(module.requires_grad_(False).eval(), device, dtype)
 
 
 def load_vae(pretrained: str, revision: str | None, variant: str | None, vae: str | None, allow_pickle: bool,
@@ -132,22 +122,9 @@ class UNetFamily:
     # ------------------------------------------------------------------------------------------ setup
 
     def _add_lora(self, rank: int, alpha: float | None, dropout: float, targets: tuple[str, ...]) -> None:
-        """Freeze the UNet in the compute dtype and add fp32 LoRA adapters (B = 0, so policy == reference at start)."""
-        from peft import LoraConfig
-
-        self.unet.requires_grad_(False)
-        place(self.unet, self.device, self.weight_dtype)
-        config = LoraConfig(
-            r=rank,
-            lora_alpha=alpha if alpha is not None else rank,
-            lora_dropout=dropout,
-            init_lora_weights="gaussian",
-            target_modules=list(targets),
-        )
-        self.unet.add_adapter(config)
-        for p in self.unet.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        """Freeze the UNet in the compute dtype and add fp32 LoRA adapters on ``targets`` (B = 0: the policy
+        starts as the reference)."""
+        add_lora(self.unet, self.device, self.weight_dtype, rank, alpha, dropout, targets)
 
     @property
     def has_reference(self) -> bool:
