@@ -234,6 +234,8 @@ def test_sd3_uses_its_scheduler_shift_by_default(tiny_sd3, feedback, tmp_path):
     ("tiny_sd", {"model.drop_t5": True}, "model.drop_t5: applies to StableDiffusion3Pipeline models only"),
     ("tiny_sd3", {"lora.rank": 2, "lora.target_modules": "[conv_in]"}, "lora.target_modules: ['conv_in'] match no"),
     ("tiny_sd3", {"data.resolution": 18}, "data.resolution: 18 is not a multiple of 4"),
+    ("tiny_sd", {"lora.rank": 2, "lora.target_modules": "[nope]"}, "lora.target_modules: ['nope'] match no layer"),
+    ("tiny_sd3", {"model.vae": "some/vae"}, "model.vae: applies to StableDiffusionPipeline, StableDiffusionXLPipeline"),
 ])
 def test_settings_a_family_cannot_use_are_refused_naming_the_key(pipe, extra, needle, feedback, tmp_path, request):
     with pytest.raises(ConfigError) as err:
