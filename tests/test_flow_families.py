@@ -141,6 +141,37 @@ def test_lora_export_loads_in_the_diffusers_pipeline_and_draws_the_trained_image
     np.testing.assert_allclose(after, trained, atol=1e-5)
 
 
+@pytest.mark.parametrize("pipe", FAMILIES)
+def test_dkto_export_writes_files_the_pipelines_load_to_the_trained_image(pipe, feedback, tmp_path, request, capsys):
+    """`dkto export` on a flow run: the diffusers file (both families) and the kohya file (FLUX.1, Black Forest
+    Labs' names) load through the pipeline to the trained policy's image; SD3 has no kohya naming diffusers loads
+    back, so that export is refused in one line and writes nothing."""
+    import diffusers
+
+    from diffusion_kto.cli import main
+
+    folder = request.getfixturevalue(pipe)
+    targets = "[add_q_proj, add_k_proj, add_v_proj, to_out.0, to_add_out]"  # double blocks (see the test below)
+    trainer = DiffusionKTOTrainer(_cfg(folder, feedback, tmp_path / "run", **{
+        "lora.rank": 4, "lora.alpha": 8, "optim.lr": 1e-2, "lora.target_modules": targets}))
+    trainer.train()
+    with trainer.family.pipeline() as policy:
+        trained = _image(policy)
+    cls = getattr(diffusers, json.loads((folder / "model_index.json").read_text())["_class_name"])
+    for fmt in ("diffusers", "kohya"):
+        out = tmp_path / f"{fmt}.safetensors"
+        capsys.readouterr()
+        code = main(["export", str(tmp_path / "run"), "--format", fmt, "--out", str(out)])
+        if fmt == "kohya" and pipe == "tiny_sd3":
+            (line,) = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and not out.exists() and "--format kohya: a StableDiffusion3Pipeline LoRA" in line
+            continue
+        assert code == 0
+        loaded = cls.from_pretrained(folder)
+        loaded.load_lora_weights(str(out))
+        np.testing.assert_allclose(_image(loaded), trained, atol=1e-5)
+
+
 def test_flux_kohya_names_fuse_qkv_and_load_back_to_the_trained_image(tiny_flux, feedback, tmp_path):
     """kohya (BFL) keys: the text q, k, v LoRAs become one block-diagonal txt_attn_qkv; diffusers' kohya Flux loader
     splits it back, and the pipeline draws the trained policy's image. (Its loader assumes FLUX.1's width 3072 for a
@@ -154,7 +185,7 @@ def test_flux_kohya_names_fuse_qkv_and_load_back_to_the_trained_image(tiny_flux,
     trainer = DiffusionKTOTrainer(_cfg(tiny_flux, feedback, tmp_path / "run", **{
         "lora.rank": 4, "lora.alpha": 8, "optim.lr": 1e-2, "lora.target_modules": targets}))
     trainer.train()
-    kohya = to_bfl_kohya(trainer.family.trainable_state(), 8.0, dict(trainer.family.network_config))
+    kohya = to_bfl_kohya(trainer.family.trainable_state(), 8.0, dict(trainer.family.transformer_config))
     qkv = "lora_unet_double_blocks_0_txt_attn_qkv"
     assert kohya[qkv + ".lora_down.weight"].shape == (12, 16) and kohya[qkv + ".lora_up.weight"].shape == (48, 12)
     assert float(kohya[qkv + ".alpha"]) == 24.0 and float(kohya["lora_unet_double_blocks_0_txt_attn_proj.alpha"]) == 8

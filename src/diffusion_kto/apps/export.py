@@ -2,8 +2,8 @@
 
 RUN_DIR is a run folder (``pytorch_lora_weights.safetensors`` + ``config.yaml``, what ``dkto train`` exports) or a
 checkpoint folder (``checkpoints/checkpoint-N``: ``weights.safetensors`` + ``manifest.json`` with the run's config).
-The run's ``model.pretrained`` says which family the LoRA belongs to (its ``model_index.json``) and gives the UNet's
-config (the block layout kohya's SDXL names need); ``lora.alpha`` (or the rank) its scale. The key formats are
+The run's ``model.pretrained`` says which family the LoRA belongs to (its ``model_index.json``) and gives its network's
+config (the block layout kohya's SDXL names need, FLUX.1's widths); ``lora.alpha`` (or the rank) its scale. The key formats are
 :mod:`diffusion_kto.models.lora_formats`'. A full fine-tune has no LoRA to export, an existing FILE is never
 overwritten, and the file appears whole or not at all."""
 from __future__ import annotations
@@ -48,6 +48,10 @@ def export_lora(run_dir: str | Path, fmt: str, out: str | Path) -> Path:
     pretrained = locate(resolve_pretrained(lora.pretrained), "model.pretrained", revision=lora.revision)
     family = family_of(pretrained, lora.revision)
     source = family.lora_source(lora.alpha, family.network_config(pretrained, lora.revision))
+    if fmt == "kohya" and not source.kohya_layout:
+        raise ConfigError(f"--format kohya: a {source.pipeline_class} LoRA has no kohya naming that diffusers loads "
+                          "back; export --format diffusers (StableDiffusion3Pipeline.load_lora_weights and ComfyUI "
+                          "read it)")
     return write_lora(out, lora.weights, source, fmt)
 
 
@@ -72,7 +76,9 @@ def read_run_lora(run_dir: Path) -> RunLora:
         latest = checkpoint.latest_checkpoint(run_dir / "checkpoints")
         hint = f"; export a checkpoint instead, e.g. {latest}" if latest else ""
         raise ConfigError(f"RUN_DIR: {run_dir} has no {LORA_FILE}: the run has not finished{hint}")
-    return RunLora(peft_from_diffusers(load_file(str(run_dir / LORA_FILE))), *settings)
+    state = load_file(str(run_dir / LORA_FILE))
+    component = next(iter(state), "unet").split(".", 1)[0]  # unet (SD, SDXL) or transformer (SD3, Flux)
+    return RunLora(peft_from_diffusers(state, component), *settings)
 
 
 def _settings(config: dict, where: Path) -> tuple[str, str | None, float]:
@@ -82,7 +88,7 @@ def _settings(config: dict, where: Path) -> tuple[str, str | None, float]:
         raise ConfigError(f"{where}: no model.pretrained in the run's config")
     rank = int(lora.get("rank") or 0)
     if rank == 0:
-        raise ConfigError(f"{where}: lora.rank is 0, a full fine-tune: there is no LoRA to export (the trained UNet "
-                          "is the run's unet/ folder: UNet2DConditionModel.from_pretrained, or dkto sample --unet)")
+        raise ConfigError(f"{where}: lora.rank is 0, a full fine-tune: there is no LoRA to export (the trained "
+                          "network is the run's unet/ or transformer/ folder: from_pretrained, or dkto sample --unet)")
     alpha = lora.get("alpha")
     return str(model["pretrained"]), model.get("revision"), float(rank if alpha is None else alpha)

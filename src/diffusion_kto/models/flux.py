@@ -62,6 +62,7 @@ class Flux(FlowTransformerFamily):
 
     conditioning = FluxText
     pipeline_class = "diffusers.FluxPipeline"
+    kohya_layout = "bfl"  # kohya / ComfyUI FLUX.1 LoRAs name Black Forest Labs' modules (flux_kohya.py)
     parts = {"transformer": "diffusers.FluxTransformer2DModel", "vae": "diffusers.AutoencoderKL",
              "scheduler": "diffusers.FlowMatchEulerDiscreteScheduler",
              "text_encoder": "transformers.CLIPTextModel", "tokenizer": "transformers.CLIPTokenizer",
@@ -71,7 +72,7 @@ class Flux(FlowTransformerFamily):
 
     def __init__(self, *, guidance_scale: float | None = None, **kw):
         super().__init__(**kw)
-        self.guidance = self.network_config.get("guidance_embeds", False)
+        self.guidance = self.transformer_config.get("guidance_embeds", False)
         self.guidance_scale = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
         self.t5_tokens = t5_tokens(self.text["tokenizer_2"])
         step = self.vae_factor * 2

@@ -12,7 +12,8 @@ alpha / r. Formats written:
   (``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``); for SDXL it is the original (LDM / "sgm")
   UNet (``input_blocks.4.1.transformer_blocks.0.attn1.to_q``): :func:`sgm_module_name`. Text-encoder LoRA would be
   ``lora_te_`` (SD) or ``lora_te1_`` / ``lora_te2_`` (SDXL); this project trains the UNet only. ComfyUI's LoRA loader,
-  A1111 / Forge and kohya's own scripts read these names (docs/models.md).
+  A1111 / Forge and kohya's own scripts read these names (docs/models.md). FLUX.1 uses Black Forest Labs' module names
+  with q, k, v fused (:mod:`.flux_kohya`); SD3 has no kohya format that diffusers loads back, so none is written.
 
 Every file is written to a temporary name beside its target and renamed into place: no half-written output."""
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .flux_kohya import to_bfl_kohya
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 FORMATS = ("diffusers", "kohya")
@@ -46,8 +49,9 @@ class LoraSource:
 
     alpha: float  # LoRA alpha (lora.alpha, or the rank): weights are scaled by alpha / r
     pipeline_class: str  # the diffusers pipeline whose save_lora_weights writes the diffusers format
-    kohya_layout: str = "diffusers"  # "diffusers" (SD 1.x / 2.x module paths) or "sgm" (SDXL's LDM UNet)
-    unet_config: dict = field(default_factory=dict)  # the UNet's config (block layout, for "sgm")
+    # "diffusers" (SD 1.x / 2.x module paths), "sgm" (SDXL's LDM UNet), "bfl" (FLUX.1's own names) or "" (none: SD3)
+    kohya_layout: str = "diffusers"
+    unet_config: dict = field(default_factory=dict)  # the network's config (block layout for "sgm", widths for "bfl")
     component: str = "unet"  # the pipeline component the LoRA belongs to
 
 
@@ -138,6 +142,8 @@ def kohya_name(path: str, source: LoraSource) -> str:
 
 def to_kohya(peft_state: dict[str, Tensor], source: LoraSource) -> dict[str, Tensor]:
     """peft LoRA weights -> kohya keys: <name>.lora_down.weight (A), .lora_up.weight (B), .alpha (0-dim float32)."""
+    if source.kohya_layout == "bfl":
+        return to_bfl_kohya(peft_state, source.alpha, source.unet_config)
     out: dict[str, Tensor] = {}
     for path, (down, up) in lora_modules(peft_state).items():
         name = kohya_name(path, source)
@@ -198,7 +204,10 @@ def _save_diffusers(folder: str, peft_state: dict[str, Tensor], source: LoraSour
     import diffusers
 
     save = getattr(diffusers, source.pipeline_class).save_lora_weights
-    kwargs = {f"{source.component}_lora_layers": diffusers_layers(peft_state)}
+    # a UNet's attention LoRA takes diffusers' lora.down / lora.up names; a transformer's keeps peft's, as its
+    # pipeline's own save_lora_weights writes them
+    layers = diffusers_layers(peft_state) if source.component == "unet" else dict(peft_state)
+    kwargs = {f"{source.component}_lora_layers": layers}
     metadata_kw = f"{source.component}_lora_adapter_metadata"
     if metadata_kw in inspect.signature(save).parameters:  # diffusers >= 0.35
         kwargs[metadata_kw] = adapter_metadata(peft_state, source.alpha)

@@ -78,7 +78,7 @@ class StableDiffusion3(FlowTransformerFamily):
         self.drop_t5 = drop_t5
         super().__init__(**kw)
         self.t5_tokens = t5_tokens(self.text["tokenizer_3"])
-        step = self.vae_factor * int(self.network_config.get("patch_size", 2))
+        step = self.vae_factor * int(self.transformer_config.get("patch_size", 2))
         if self.resolution % step:
             raise ConfigError(f"data.resolution: {self.resolution} is not a multiple of {step} (VAE factor x patch "
                               "size of this SD3 transformer)")
@@ -113,7 +113,7 @@ class StableDiffusion3(FlowTransformerFamily):
         encoders = [self.require(n) for n in self.text_parts[:2]] + [None if self.drop_t5 else self.require(
             "text_encoder_3")]
         embeds, pooled = sd3_text([self.text[n] for n in names], encoders, prompts, tokens=self.t5_tokens,
-                                  width=int(self.network_config["joint_attention_dim"]), device=self.device)
+                                  width=int(self.transformer_config["joint_attention_dim"]), device=self.device)
         return SD3Text(embeds, pooled)
 
     def condition(self, text: SD3Text, batch) -> SD3Text:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .. import flow
 from ..config import ConfigError, FlowConfig
+from . import lora_formats
 from .base import Noised, add_lora, frozen, place, unwrap
 from .loading import weight_kwargs
 
@@ -53,6 +54,7 @@ class FlowTransformerFamily:
     parts: ClassVar[dict[str, str]]  # component -> "package.Class", as in model_index.json
     text_parts: ClassVar[tuple[str, ...]]  # the text encoders (loaded for "text_encoder")
     reads: ClassVar[frozenset[str]] = frozenset({"flow"})  # family-specific config keys this family honours
+    kohya_layout: ClassVar[str] = ""  # kohya names of its LoRA that diffusers loads back ("bfl" for FLUX.1); "": none
     pipeline_kwargs: ClassVar[dict] = {}  # DiffusionPipeline.from_pretrained needs nothing extra (no safety checker)
 
     def __init__(self, *, pretrained: str, parts: dict, flow_settings: FlowConfig | None = None,
@@ -65,7 +67,7 @@ class FlowTransformerFamily:
         self.scheduler, self.vae = parts["scheduler"], frozen(parts["vae"], self.device, weight_dtype)
         self.text = {name: parts[name] for name in self.parts if name.startswith("tokenizer")}
         self.text.update({name: frozen(parts[name], self.device, weight_dtype) for name in self.text_parts})
-        self.network_config = parts["transformer_config"]  # the transformer's config, also when it is not loaded
+        self.transformer_config = parts["transformer_config"]  # the transformer's config, also when it is not loaded
         vae_config = parts["vae_config"]
         self.latent_scale = float(vae_config.get("scaling_factor") or 1.0)
         self.latent_shift = float(vae_config.get("shift_factor") or 0.0)
@@ -123,6 +125,19 @@ class FlowTransformerFamily:
     def text_components(cls, options: dict) -> tuple[str, ...]:
         """The folders a text-embedding cache depends on: the text encoders used and every tokenizer."""
         return cls.text_parts_used(options) + tuple(n for n in cls.parts if n.startswith("tokenizer"))
+
+    @classmethod
+    def network_config(cls, pretrained: str, revision: str | None = None) -> dict:
+        """The config of a located pipeline's transformer (its transformer/config.json), without its weights."""
+        return dict(import_class(cls.parts["transformer"]).load_config(pretrained, subfolder="transformer",
+                                                                       revision=revision))
+
+    @classmethod
+    def lora_source(cls, alpha: float, network_config: dict) -> lora_formats.LoraSource:
+        """What writing this family's LoRA file needs besides the weights (:func:`.lora_formats.write_lora`)."""
+        return lora_formats.LoraSource(alpha=float(alpha), pipeline_class=cls.pipeline_class.rsplit(".", 1)[-1],
+                                       kohya_layout=cls.kohya_layout, unet_config=dict(network_config),
+                                       component="transformer")
 
     @classmethod
     def sampler(cls, scheduler):
