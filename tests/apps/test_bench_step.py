@@ -148,7 +148,8 @@ def test_bad_settings_are_config_errors():
 
 @pytest.mark.slow
 def test_bench_step_end_to_end(tiny_sd):
-    report = bench.bench_step(bench.BenchSettings(model=str(tiny_sd), adapters=("lora",), steps=4, warmup=1, threads=1))
+    report = bench.bench_step(bench.BenchSettings(model=str(tiny_sd), adapters=("lora",), steps=4, warmup=1, threads=1,
+                                                  losses=tuple(bench.LOSSES)))
     assert set(report["results"]["lora"]) == {"sft", "kto_matched", "kto_mismatched", "kto_amortized", "dpo"}
     assert set(report["targets"]) == {f"lora.{kind}.kto_{mode}" for kind in ("time", "peak_mem")
                                       for mode in ("matched", "mismatched", "amortized")}
