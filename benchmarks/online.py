@@ -155,7 +155,7 @@ def summary(out: Path) -> str:
     (out / "online.json").write_text(json.dumps(runs))  # every finished run: rounds, held-out scores, commit
     plot = line_plot({k: sorted(v) for k, v in frontier.items()}, title="win rate over base vs diversity kept",
                      x_label="diversity / base", y_label="win rate", y_range=(0.0, 1.0), x_range=(0.4, 1.0),
-                     size=(640, 380))
+                     size=(720, 380), legend_width=230)
     plot.save(out / "online-frontier.png")
     return "\n".join(lines)
 

@@ -93,15 +93,16 @@ PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 
 
 def line_plot(series: Mapping[str, Sequence[tuple[float, float]]], *, title: str = "", x_label: str = "",
               y_label: str = "", y_range: tuple[float, float] | None = None, size: tuple[int, int] = (560, 340),
-              lines: bool = True, x_range: tuple[float, float] | None = None) -> Image.Image:
+              lines: bool = True, x_range: tuple[float, float] | None = None, legend_width: int = 150) -> Image.Image:
     """A small chart of named (x, y) point series (points joined by lines unless ``lines=False``), axes with 5 ticks
-    each and a legend; plain PIL, for reports that must not need matplotlib."""
+    each and a legend; plain PIL, for reports that must not need matplotlib. Past the palette's six colours the
+    series' points and legend swatches are hollow, so no two series look alike."""
     points = [p for pts in series.values() for p in pts]
     xs, ys = [p[0] for p in points] or [0.0, 1.0], [p[1] for p in points] or [0.0, 1.0]
     x0, x1 = x_range or (min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1)
     y0, y1 = y_range or (min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1)
     width, height = size
-    left, right, top, bottom = 56, 150, 28, 40
+    left, right, top, bottom = 56, legend_width, 28, 40
     canvas = Image.new("RGB", size, BACKGROUND)
     draw, font = ImageDraw.Draw(canvas), _font()
     px = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
@@ -118,12 +119,13 @@ def line_plot(series: Mapping[str, Sequence[tuple[float, float]]], *, title: str
     draw.text((4, top - 16), y_label, fill=INK, font=font)
     for k, (name, pts) in enumerate(series.items()):
         colour = PALETTE[k % len(PALETTE)]
+        fill = None if (k // len(PALETTE)) % 2 else colour  # the second round of colours: hollow markers
         xy = [(px(x), py(y)) for x, y in pts]
         if lines and len(xy) > 1:
             draw.line(xy, fill=colour, width=2)
         for x, y in xy:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=fill, outline=colour, width=2)
         ly = top + 6 + 16 * k
-        draw.rectangle([width - right + 10, ly, width - right + 20, ly + 10], fill=colour)
+        draw.rectangle([width - right + 10, ly, width - right + 20, ly + 10], fill=fill, outline=colour, width=2)
         draw.text((width - right + 26, ly), _fit(str(name), right - 30, font), fill=INK, font=font)
     return canvas
