@@ -335,22 +335,16 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args) -> int:
-    from .evaluation.prompts import PromptError
-    from .evaluation.run import EvalError, EvalSettings, ModelSpec, run_eval
-    from .evaluation.scorers import ScorerError
+    from .evaluation.run import EvalSettings, ModelSpec, run_eval
 
-    try:
-        settings = EvalSettings(
-            models=[ModelSpec.parse(m) for m in args.models], out=Path(args.out), prompts=args.prompts,
-            metrics=args.metrics or ["toy:preference"], metric_options=args.metric_option,
-            num_prompts=args.num_prompts, images_per_prompt=args.images_per_prompt, seed=args.seed,
-            steps=args.steps, guidance=args.guidance, resolution=args.resolution, batch_size=args.batch_size,
-            score_batch_size=args.score_batch_size, device=args.device, dtype=args.dtype, focus=args.focus,
-            all_pairs=args.all_pairs, ci=args.ci, ci_n=args.ci_n, grid_prompts=args.grid_prompts)
-        results = run_eval(settings)
-    except (EvalError, PromptError, ScorerError) as err:
-        print(f"dkto eval: error: {err}", file=sys.stderr)
-        return 2
+    settings = EvalSettings(
+        models=[ModelSpec.parse(m) for m in args.models], out=Path(args.out), prompts=args.prompts,
+        metrics=args.metrics or ["toy:preference"], metric_options=args.metric_option,
+        num_prompts=args.num_prompts, images_per_prompt=args.images_per_prompt, seed=args.seed,
+        steps=args.steps, guidance=args.guidance, resolution=args.resolution, batch_size=args.batch_size,
+        score_batch_size=args.score_batch_size, device=args.device, dtype=args.dtype, focus=args.focus,
+        all_pairs=args.all_pairs, ci=args.ci, ci_n=args.ci_n, grid_prompts=args.grid_prompts)
+    results = run_eval(settings)
     print(results["_tables"]["winrates"] or "(one model: no win rates)")
     print(results["_tables"]["means"])
     print(f"report: {Path(args.out) / 'report.html'}")

@@ -15,7 +15,7 @@ def add_generate(sub) -> None:
     p.add_argument("--model", default="toy", help="hub id, local diffusers folder, or 'toy'")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--lora", help="run folder holding pytorch_lora_weights.safetensors")
-    group.add_argument("--unet", help="run folder of a full fine-tune (holding unet/)")
+    group.add_argument("--unet", help="run folder of a full fine-tune (holding unet/ or transformer/)")
     p.add_argument("--prompts", default="toy", help="'toy' (the shapes world's training prompts) or a .txt/.jsonl/.csv")
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--seed", type=int, default=0)

@@ -120,12 +120,11 @@ def _set_keys(cfg, key: str) -> list[str]:
 def refuse_unread(cfg, family: type, pretrained: str) -> None:
     """ConfigError naming a family-specific key that is set but that this model's family does not read (a flow.*
     key on SD 1.x, model.drop_t5 on Flux, model.guidance_scale on SD3, ...)."""
-    reads = getattr(family, "reads", frozenset())
     for key in FAMILY_KEYS:
-        if key in reads:
+        if key in family.reads:
             continue
         for name in _set_keys(cfg, key):
-            users = [cls for cls, fam in FAMILIES.items() if key in getattr(fam, "reads", ())]
+            users = [cls for cls, fam in FAMILIES.items() if key in fam.reads]
             raise ConfigError(f"{name}: applies to {', '.join(users)} models only; {cfg.model.pretrained!r} is a "
                               f"{model_index(pretrained, cfg.model.revision).get('_class_name')} (leave {name} unset)")
 
@@ -135,24 +134,23 @@ def text_components(cfg) -> tuple[str, ...]:
     m = cfg.model
     pretrained = locate(resolve_pretrained(m.pretrained), "model.pretrained", revision=m.revision)
     family = family_of(pretrained, m.revision)
-    return family.text_components(family.options(cfg) if hasattr(family, "options") else {})
+    return family.text_components(family.options(cfg))
+
+
+def _pipe_family(pipe) -> type:
+    """The family of a loaded pipeline; a pipeline of another class samples as SD 1.x / 2.x does."""
+    return FAMILIES.get(type(pipe).__name__, StableDiffusion)
 
 
 def sampling_scheduler(pipe):
-    """The scheduler a loaded pipeline samples with here: its family's choice (flow families keep their flow-matching
-    Euler sampler), else DDIM from the pipeline's scheduler config (SD 1.x / 2.x)."""
-    own = getattr(FAMILIES.get(type(pipe).__name__), "sampler", None)
-    if own is not None:
-        return own(pipe.scheduler)
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(pipe.scheduler.config)
+    """The scheduler a loaded pipeline samples with here: its family's choice (DDIM from the pipeline's scheduler
+    config for the UNet families, the pipeline's own flow-matching Euler sampler for SD3 / Flux)."""
+    return _pipe_family(pipe).sampler(pipe.scheduler)
 
 
 def call_options(pipe) -> dict:
     """Extra keywords of ``pipe(...)`` that make it sample as its family trains (SD3 / Flux: the T5 context)."""
-    own = getattr(FAMILIES.get(type(pipe).__name__), "call_options", None)
-    return own(pipe) if own is not None else {}
+    return _pipe_family(pipe).call_options(pipe)
 
 
 def load_family(cfg, *, weight_dtype: torch.dtype, device: torch.device | str, with_reference: bool = True,
@@ -162,10 +160,9 @@ def load_family(cfg, *, weight_dtype: torch.dtype, device: torch.device | str, w
     m = cfg.model
     pretrained = locate(resolve_pretrained(m.pretrained), "model.pretrained", revision=m.revision)
     family = family_of(pretrained, m.revision)
-    if hasattr(family, "check"):  # the family's own rules first: they say why (e.g. Flux cannot drop T5)
-        family.check(cfg, pretrained, model_index(pretrained, m.revision))
+    family.check(cfg, pretrained, model_index(pretrained, m.revision))  # its own rules first: they say why
     refuse_unread(cfg, family, pretrained)
-    options = family.options(cfg) if hasattr(family, "options") else {}
+    options = family.options(cfg)
     vae = {} if m.vae is None else {"vae": locate(m.vae, "model.vae", marker="config.json")}  # a separate VAE
     try:
         return family.from_pretrained(

@@ -83,6 +83,8 @@ class DiffusionFamily(Protocol):
     # and the class methods network_config(pretrained, revision) -> dict (the trained network's config, no weights)
     # and lora_source(alpha, network_config) -> lora_formats.LoraSource, for dkto export
     # and text_components(options) -> the pipeline folders a text cache is keyed by (text encoders and tokenizers)
+    # and options(cfg) -> family-specific loading keywords, check(cfg, pretrained, index) -> None (its own refusals),
+    # sampler(scheduler) -> the scheduler it samples with, call_options(pipe) -> extra keywords of pipe(...)
 
     def trainable_module(self) -> nn.Module:
         """The module whose parameters are optimised (the UNet or transformer, possibly wrapped)."""

@@ -60,6 +60,27 @@ class UNetFamily:
         return cls.text_folders
 
     @classmethod
+    def options(cls, cfg) -> dict:
+        """Family-specific loading options from a config: none for the UNet families (model.vae is passed as such)."""
+        return {}
+
+    @classmethod
+    def check(cls, cfg, pretrained: str, index: dict) -> None:
+        """Family rules before any weight loads: the shared config checks cover the UNet families."""
+
+    @classmethod
+    def sampler(cls, scheduler):
+        """The scheduler to sample with: DDIM from the pipeline's scheduler config."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(scheduler.config)
+
+    @classmethod
+    def call_options(cls, pipe) -> dict:
+        """Extra keywords of ``pipe(...)``: none."""
+        return {}
+
+    @classmethod
     def network_config(cls, pretrained: str, revision: str | None = None) -> dict:
         """The config of a located pipeline's UNet (its unet/config.json), without its weights."""
         from diffusers import UNet2DConditionModel
