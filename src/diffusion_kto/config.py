@@ -53,6 +53,9 @@ class ModelConfig:
     drop_t5: bool = False  # SD3 / SD3.5: leave T5 unloaded, zeros in its place (as the pipeline without text_encoder_3)
     # FLUX.1 [dev]: the guidance embedding's value in training; null = 3.5 (FluxPipeline's default). Not for [schnell]
     guidance_scale: float | None = None
+    # LoRA on a transformer family: keep the frozen transformer quantized (nf4: bitsandbytes, CUDA; int8 / fp8:
+    # torchao, CPU or CUDA); the adapters and their optimizer stay in fp32 (models/quantize.py, docs/models.md)
+    quantize_base: str = _choice("none", ("none", "nf4", "int8", "fp8"), "quantized frozen base for LoRA")
 
 
 @dataclass
@@ -290,6 +293,10 @@ def _validate_cross_fields(cfg: Config) -> None:
     if cfg.data.streaming and cfg.data.cache:
         raise ConfigError("data.cache: a cache is keyed by the rows of a feedback dataset loaded up front, which "
                           "data.streaming=true never loads; drop one of the two")
+    if cfg.model.quantize_base != "none" and cfg.lora.rank == 0:
+        raise ConfigError(f"model.quantize_base={cfg.model.quantize_base}: a quantized frozen base is for LoRA "
+                          "(lora.rank > 0); a full fine-tune trains every base weight in full precision, so set "
+                          "lora.rank or model.quantize_base=none")
     _validate_amortized_reference(cfg)
     _validate_flow(cfg)
     objective_class(cfg.loss.name).check(cfg)  # the objective's own rules (e.g. mismatched pairs need a batch)

@@ -25,7 +25,7 @@ __all__ = ["DiffusionFamily", "FAMILIES", "Flux", "StableDiffusion", "StableDiff
 FAMILIES: dict[str, type] = {"StableDiffusionPipeline": StableDiffusion, "StableDiffusionXLPipeline": StableDiffusionXL,
                              "StableDiffusion3Pipeline": StableDiffusion3, "FluxPipeline": Flux}
 # config keys (or sections) that only some families read; a family lists those it reads in its ``reads``
-FAMILY_KEYS = ("flow", "model.drop_t5", "model.guidance_scale", "model.vae")
+FAMILY_KEYS = ("flow", "model.drop_t5", "model.guidance_scale", "model.quantize_base", "model.vae")
 
 
 def resolve_pretrained(name: str) -> str:

@@ -159,15 +159,16 @@ def frozen(module: nn.Module | None, device: torch.device, dtype: torch.dtype) -
 
 
 def add_lora(network: nn.Module, device: torch.device, dtype: torch.dtype, rank: int, alpha: float | None,
-             dropout: float, targets: Sequence[str]) -> None:
-    """Freeze ``network`` in the compute dtype and add fp32 LoRA adapters on ``targets`` (B = 0, so the policy starts
-    as the reference); ConfigError when ``targets`` match no layer."""
+             dropout: float, targets: Sequence[str], *, cast: bool = True) -> None:
+    """Freeze ``network`` in the compute dtype (``cast=False``: only moved, for quantized weights) and add fp32 LoRA
+    adapters on ``targets`` (B = 0, so the policy starts as the reference); ConfigError when ``targets`` match no
+    layer."""
     from peft import LoraConfig
 
     from ..config import ConfigError
 
     network.requires_grad_(False)
-    place(network, device, dtype)
+    place(network, device, dtype) if cast else network.to(device)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
                         init_lora_weights="gaussian", target_modules=list(targets))
     try:

@@ -68,7 +68,7 @@ class Flux(FlowTransformerFamily):
              "text_encoder": "transformers.CLIPTextModel", "tokenizer": "transformers.CLIPTokenizer",
              "text_encoder_2": "transformers.T5EncoderModel", "tokenizer_2": "transformers.T5TokenizerFast"}
     text_parts = ("text_encoder", "text_encoder_2")
-    reads = frozenset({"flow", "model.guidance_scale"})
+    reads = FlowTransformerFamily.reads | {"model.guidance_scale"}
 
     def __init__(self, *, guidance_scale: float | None = None, **kw):
         super().__init__(**kw)

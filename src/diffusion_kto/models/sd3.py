@@ -72,7 +72,7 @@ class StableDiffusion3(FlowTransformerFamily):
              "text_encoder_2": "transformers.CLIPTextModelWithProjection", "tokenizer_2": "transformers.CLIPTokenizer",
              "text_encoder_3": "transformers.T5EncoderModel", "tokenizer_3": "transformers.T5TokenizerFast"}
     text_parts = ("text_encoder", "text_encoder_2", "text_encoder_3")
-    reads = frozenset({"flow", "model.drop_t5"})
+    reads = FlowTransformerFamily.reads | {"model.drop_t5"}
 
     def __init__(self, *, drop_t5: bool = False, **kw):
         self.drop_t5 = drop_t5

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .. import flow
 from ..config import ConfigError, FlowConfig
-from . import lora_formats
+from . import lora_formats, quantize
 from .base import Noised, add_lora, frozen, place, unwrap
 from .loading import weight_kwargs
 
@@ -31,10 +31,10 @@ def import_class(path: str) -> type:
 
 
 def load_parts(pretrained: str, parts: dict[str, str], wanted: set[str], *, revision: str | None,
-               variant: str | None, allow_pickle: bool) -> dict:
+               variant: str | None, allow_pickle: bool, quantized: dict | None = None) -> dict:
     """Each part ``name -> "package.Class"`` from the pipeline's ``name/`` subfolder; weights (models) only when in
     ``wanted`` (None otherwise), tokenizers and the scheduler always (they are a few bytes); safetensors only unless
-    ``allow_pickle``."""
+    ``allow_pickle``; ``quantized``: extra keywords of the parts loaded quantized (``{"transformer": {...}}``)."""
     loaded = {}
     for name, path in parts.items():
         cls = import_class(path)
@@ -42,7 +42,7 @@ def load_parts(pretrained: str, parts: dict[str, str], wanted: set[str], *, revi
         if is_model and name not in wanted:
             loaded[name] = None
             continue
-        kw = {"variant": variant, **weight_kwargs(allow_pickle)} if is_model else {}
+        kw = {"variant": variant, **weight_kwargs(allow_pickle), **(quantized or {}).get(name, {})} if is_model else {}
         loaded[name] = cls.from_pretrained(pretrained, subfolder=name, revision=revision, **kw)
     return loaded
 
@@ -53,16 +53,18 @@ class FlowTransformerFamily:
     pipeline_class: ClassVar[str]  # "diffusers.StableDiffusion3Pipeline"
     parts: ClassVar[dict[str, str]]  # component -> "package.Class", as in model_index.json
     text_parts: ClassVar[tuple[str, ...]]  # the text encoders (loaded for "text_encoder")
-    reads: ClassVar[frozenset[str]] = frozenset({"flow"})  # family-specific config keys this family honours
+    # family-specific config keys this family honours (a subclass adds its own: FlowTransformerFamily.reads | {...})
+    reads: ClassVar[frozenset[str]] = frozenset({"flow", "model.quantize_base"})
     kohya_layout: ClassVar[str] = ""  # kohya names of its LoRA that diffusers loads back ("bfl" for FLUX.1); "": none
     pipeline_kwargs: ClassVar[dict] = {}  # DiffusionPipeline.from_pretrained needs nothing extra (no safety checker)
 
     def __init__(self, *, pretrained: str, parts: dict, flow_settings: FlowConfig | None = None,
-                 resolution: int = 1024, lora_rank: int = 0, lora_alpha: float | None = None,
+                 quantize_base: str = "none", resolution: int = 1024, lora_rank: int = 0, lora_alpha: float | None = None,
                  lora_dropout: float = 0.0, lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
                  weight_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  gradient_checkpointing: bool = False, with_reference: bool = True):
         self.pretrained, self.device, self.weight_dtype = pretrained, torch.device(device), weight_dtype
+        self.quantize_base = quantize_base  # the frozen transformer's weights stay quantized (LoRA only)
         self.flow, self.resolution, self.lora_rank = flow_settings or FlowConfig(), resolution, lora_rank
         self.scheduler, self.vae = parts["scheduler"], frozen(parts["vae"], self.device, weight_dtype)
         self.text = {name: parts[name] for name in self.parts if name.startswith("tokenizer")}
@@ -95,13 +97,22 @@ class FlowTransformerFamily:
         wanted |= {"vae"} & set(components)
         if "text_encoder" in components:
             wanted |= set(cls.text_parts_used(kw))
-        parts = load_parts(pretrained, cls.parts, wanted, revision=revision, variant=variant, allow_pickle=allow_pickle)
+        parts = load_parts(pretrained, cls.parts, wanted, revision=revision, variant=variant, allow_pickle=allow_pickle,
+                           quantized=cls.quantized_parts(kw))
         from diffusers import AutoencoderKL
 
         parts["vae_config"] = dict(AutoencoderKL.load_config(pretrained, subfolder="vae", revision=revision))
         network = import_class(cls.parts["transformer"])
         parts["transformer_config"] = dict(network.load_config(pretrained, subfolder="transformer", revision=revision))
         return cls(pretrained=pretrained, parts=parts, **kw)
+
+    @classmethod
+    def quantized_parts(cls, kw: dict) -> dict:
+        """The transformer's ``from_pretrained`` keywords for model.quantize_base (none: no keywords): its diffusers
+        quantization config, loaded in the compute dtype."""
+        kind, dtype = kw.get("quantize_base", "none"), kw.get("weight_dtype", torch.float32)
+        config = quantize.diffusers_config(kind, dtype)
+        return {} if config is None else {"transformer": {"quantization_config": config, "torch_dtype": dtype}}
 
     @classmethod
     def text_parts_used(cls, options: dict) -> tuple[str, ...]:
@@ -112,11 +123,12 @@ class FlowTransformerFamily:
     @classmethod
     def options(cls, cfg) -> dict:
         """The family's own keywords from a run config (flow.*, data.resolution; subclasses add theirs)."""
-        return {"flow_settings": cfg.flow, "resolution": cfg.data.resolution}
+        return {"flow_settings": cfg.flow, "resolution": cfg.data.resolution, "quantize_base": cfg.model.quantize_base}
 
     @classmethod
     def check(cls, cfg, pretrained: str, index: dict) -> None:
         """Refuse settings this model cannot train with (ConfigError naming the key), before any weight loads."""
+        quantize.check(cfg.model.quantize_base)
         if cfg.lora.rank > 0 and not cfg.lora.target_modules:
             raise ConfigError("lora.target_modules: empty; name the transformer's attention projections "
                               "(e.g. to_q, to_k, to_v, to_out.0)")
@@ -149,7 +161,8 @@ class FlowTransformerFamily:
     def _add_lora(self, rank: int, alpha: float | None, dropout: float, targets: tuple[str, ...]) -> None:
         """Freeze the transformer in the compute dtype and add fp32 LoRA adapters on ``targets`` (B = 0: the policy
         starts as the reference)."""
-        add_lora(self.transformer, self.device, self.weight_dtype, rank, alpha, dropout, targets)
+        add_lora(self.transformer, self.device, self.weight_dtype, rank, alpha, dropout, targets,
+                 cast=self.quantize_base == "none")  # a quantized base loaded in the compute dtype: moved, never cast
 
     @property
     def has_reference(self) -> bool:
