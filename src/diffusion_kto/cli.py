@@ -459,10 +459,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_import_warnings() -> None:
+    """Silence what torchao logs when diffusers imports it (its CUDA-only kernels failing to load on a CPU, torch's
+    notes on its enums, diffusers on torchao tensor types it does not find): noise on every command once the [quant]
+    extra is installed, nothing a user can act on."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dkto` console script; returns the exit code."""
     from .errors import UserError
 
+    quiet_import_warnings()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
