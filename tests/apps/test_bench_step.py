@@ -22,6 +22,9 @@ def test_worker_times_real_trainer_steps(tiny_sd, tmp_path):
     assert len(out["step_ms"]) == 2 and all(t > 0 for t in out["step_ms"])
     assert out["trainable_params"] > 0 and out["weights_mb"] > 0 and out["peak_mb"] >= out["weights_mb"] * 0.5
     assert out["skipped_steps"] == 0
+    sft = bench.run_worker(bench.mode_overrides(s, "lora", "sft", data, tmp_path / "s", 16), 0, 1, threads=1)
+    # FLOPs of one counted step: KTO runs the reference forward too (no backward), so more than SFT, less than twice
+    assert 0 < sft["step_flops"] < out["step_flops"] < 2 * sft["step_flops"]
 
 
 @pytest.mark.parametrize("loss", ["kto_mismatched", "dpo"])

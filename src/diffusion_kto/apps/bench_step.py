@@ -208,9 +208,9 @@ def run_worker(overrides: list[str], warmup: int, steps: int, threads: int | Non
     else:
         exact = _reset_peak_rss()  # drop the transient peak of loading the weights
     loader = iter(trainer.loader())
-    batches = [next(loader) for _ in range(warmup + steps)]
+    batches = [next(loader) for _ in range(warmup + steps + 1)]
     times = []
-    for batch in batches:
+    for batch in batches[:-1]:
         start = time.perf_counter()
         trainer.step(batch)
         if cuda:
@@ -218,6 +218,7 @@ def run_worker(overrides: list[str], warmup: int, steps: int, threads: int | Non
         times.append(time.perf_counter() - start)
     peak_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else _maxrss_mb()
     return {
+        "step_flops": step_flops(trainer, batches[-1]),
         "step_ms": [t * 1000 for t in times[warmup:]],
         "peak_mb": peak_mb if cuda else weights_mb(trainer.family) + peak_mb - loaded_mb,
         "train_mb": peak_mb - loaded_mb,
@@ -228,6 +229,16 @@ def run_worker(overrides: list[str], warmup: int, steps: int, threads: int | Non
         "trainable_params": sum(p.numel() for p in trainer.family.trainable_parameters()),
         "skipped_steps": trainer.guard.skipped,
     }
+
+
+def step_flops(trainer, batch) -> int:
+    """The FLOPs of one more training step (forward, backward, optimizer), counted by torch's FlopCounterMode over
+    the aten ops it knows (matmuls, convolutions, attention): the numerator of the model FLOPs utilisation."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        trainer.step(batch)
+    return int(counter.get_total_flops())
 
 
 def weights_mb(family) -> float:
@@ -291,6 +302,7 @@ def _summary(timed: list[dict], memory: dict, every: int = 1, first: int = 0) ->
         "peak_rss_reset": memory["peak_rss_reset"],
         "trainable_params": memory["trainable_params"],
         "skipped_steps": sum(r["skipped_steps"] for r in timed),
+        "step_flops": timed[0].get("step_flops"),  # one counted step (every = k > 1: a dear or a cheap one)
     }
 
 
