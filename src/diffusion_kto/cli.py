@@ -377,6 +377,8 @@ def _add_bench(sub) -> None:
     step.add_argument("--official", default="full",
                       help="with --end-to-end: adapters (lora, full, or none) on which the official script's step "
                            "design is timed beside ours, with the ratio ours / official")
+    step.add_argument("--cached", action="store_true",
+                      help="train every mode from a `dkto cache` of the feedback: no VAE or text encoder loaded")
     step.add_argument("--out", default=None, help="also write the JSON here")
     step.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every mode")
     step.set_defaults(func=_run_bench_step)
@@ -438,7 +440,7 @@ def _run_bench_step(args) -> int:
         adapters=_names(args.adapters), losses=_names(args.losses), lora_rank=args.lora_rank,
         steps=args.steps, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
         mixed_precision=args.mixed_precision, overrides=tuple(args.overrides), end_to_end=args.end_to_end,
-        official=_names(args.official),
+        official=_names(args.official), cached=args.cached,
     )
     report = bench_step(settings, progress=lambda line: print(line, file=sys.stderr))
     text = json.dumps(report, indent=2)

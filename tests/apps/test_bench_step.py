@@ -156,3 +156,19 @@ def test_bench_step_end_to_end(tiny_sd):
     assert set(report["results"]["lora"]) == {"sft", "kto_matched", "kto_mismatched", "kto_amortized", "dpo"}
     assert set(report["targets"]) == {f"lora.{kind}.kto_{mode}" for kind in ("time", "peak_mem")
                                       for mode in ("matched", "mismatched", "amortized")}
+
+
+def test_cached_modes_train_without_vae_or_text_encoder(tiny_sd, tmp_path):
+    """--cached: the feedback's `dkto cache` is built once, and a mode then loads the UNet alone (less weight held)."""
+    s = bench.BenchSettings(model=str(tiny_sd), batch_size=2, cached=True)
+    data = bench.write_feedback(tmp_path / "data", 16, n=6)
+    bench.write_cache(s, data, 16)
+    assert (bench.cache_path(data) / "manifest.json").is_file()
+    overrides = bench.mode_overrides(s, "lora", "kto_matched", data, tmp_path / "o", 16)
+    assert f"data.cache={bench._yaml_scalar(str(bench.cache_path(data)))}" in overrides
+    cached = bench.run_worker(overrides, 0, 1, threads=1)
+    plain = bench.run_worker(bench.mode_overrides(bench.replace(s, cached=False), "lora", "kto_matched", data,
+                                                  tmp_path / "p", 16), 0, 1, threads=1)
+    assert 0 < cached["weights_mb"] < plain["weights_mb"] and cached["skipped_steps"] == 0
+    with pytest.raises(bench.ConfigError, match="--cached: .* leave it out of --losses"):
+        bench.bench_step(bench.replace(s, losses=("sft", "dpo")))

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..config import ConfigError
@@ -84,6 +84,9 @@ class BenchSettings:
     end_to_end: bool = False  # also time whole `dkto train` runs without and with data.cache
     official: tuple[str, ...] = ("full",)  # end to end: adapters on which the official step design is timed beside ours
     losses: tuple[str, ...] = DEFAULT_LOSSES  # the losses compared (names of LOSSES; sft is the baseline of the ratios)
+    # train every mode from a `dkto cache` of the feedback (latents and text embeddings): no VAE or text encoder is
+    # loaded, as a run on a 24 GB card trains; the cache is built once, in its own process, before the modes
+    cached: bool = False
 
 
 def _rss_mb() -> float:
@@ -162,9 +165,25 @@ def write_pairs_data(feedback: Path) -> Path:
     return write_pairs(feedback_to_pairs(read_feedback(feedback), None), pairs_path(feedback).parent)
 
 
+def cache_path(feedback: Path) -> Path:
+    """Where :func:`write_cache` puts the `dkto cache` of a feedback file: ``cache/`` beside it."""
+    return feedback.parent / "cache"
+
+
+def write_cache(s: BenchSettings, feedback: Path, resolution: int) -> Path:
+    """`dkto cache` of the feedback (latents and every text embedding the losses use), in a subprocess so that this
+    process holds no weights while the modes run."""
+    base = mode_overrides(replace(s, cached=False), "lora", "sft", feedback, feedback.parent / "cache-run", resolution)
+    cmd = [sys.executable, "-m", "diffusion_kto.cli", "cache", *base, "--out", str(cache_path(feedback))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"dkto cache for the benchmark failed:\n{proc.stderr[-3000:]}")
+    return cache_path(feedback)
+
+
 def mode_overrides(s: BenchSettings, adapter: str, loss: str, data: Path, out: Path, resolution: int) -> list[str]:
     """Config overrides of one benchmark mode; everything but the adapter and the loss (and, for a paired loss, the
-    pairs data and batch_size / 2 pairs: the same images a step) is shared."""
+    pairs data and batch_size / 2 pairs: the same images a step) is shared; with ``s.cached``, the feedback's cache."""
     pairs = paired(loss)
     values = {
         "model.pretrained": s.model, "data.path": str(pairs_path(data) if pairs else data),
@@ -173,6 +192,7 @@ def mode_overrides(s: BenchSettings, adapter: str, loss: str, data: Path, out: P
         "train.max_steps": s.warmup + s.steps, "train.checkpoint_every": 0,
         "train.mixed_precision": s.mixed_precision, "train.seed": s.seed, "optim.warmup_steps": 0,
         "optim.lr": 1e-5, "lora.rank": s.lora_rank if adapter == "lora" else 0, **LOSSES[loss],
+        **({"data.cache": str(cache_path(data))} if s.cached else {}),
     }
     return [f"{k}={_yaml_scalar(v)}" for k, v in values.items()] + list(s.overrides)
 
@@ -354,6 +374,9 @@ def _check_settings(s: BenchSettings) -> None:
     if not s.adapters or set(s.adapters) - {"lora", "full"} or set(s.official) - {"lora", "full"}:
         raise ConfigError(f"bench step: adapters must be lora and/or full, got {', '.join(s.adapters) or 'none'} "
                           f"(official: {', '.join(s.official) or 'none'})")
+    if s.cached and any(paired(loss) for loss in s.losses):
+        raise ConfigError("bench step --cached: a cache is keyed by the rows of per-image feedback; the dpo mode trains "
+                          "on pairs, so leave it out of --losses")
     if s.model == "toy" and not (Path(resolve_pretrained(s.model)) / "model_index.json").is_file():
         raise ConfigError("the shipped toy model is missing (src/diffusion_kto/toy/weights); "
                           "pass --model PATH to a diffusers folder, or run `dkto toy pretrain` first")
@@ -371,6 +394,10 @@ def bench_step(s: BenchSettings, progress=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="dkto-bench-") as tmp:
         data = write_feedback(Path(tmp) / "data", resolution, seed=s.seed)
         write_pairs_data(data)
+        if s.cached:
+            if progress:
+                progress("dkto cache of the benchmark's feedback")
+            write_cache(s, data, resolution)
 
         def run(adapter: str, loss: str, tag: str, steps: int, is_memory: bool) -> dict:
             """One worker subprocess of one mode."""
