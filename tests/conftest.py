@@ -11,7 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tiny import build_tiny_sd, build_tiny_sdxl, write_feedback  # noqa: E402
-from tiny_flow import build_tiny_flux, build_tiny_sd3  # noqa: E402
+from tiny_flow import build_tiny_chroma, build_tiny_flux, build_tiny_sd3  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +48,9 @@ def tiny_flux(tmp_path_factory) -> Path:
 def feedback(tmp_path) -> Path:
     """A JSONL feedback file of 8 rows, 4 liked and 4 disliked."""
     return write_feedback(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_chroma(tmp_path_factory) -> Path:
+    """A tiny Chroma pipeline folder (T5 only, no guidance embedding)."""
+    return build_tiny_chroma(tmp_path_factory.mktemp("tiny_chroma"))

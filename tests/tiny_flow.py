@@ -113,3 +113,24 @@ def build_tiny_flux(folder: Path, *, guidance: bool = True) -> Path:
                         text_encoder_2=_t5(t5_tok), tokenizer_2=t5_tok)
     pipe.save_pretrained(folder / "pipe", safe_serialization=True)
     return folder / "pipe"
+
+
+def build_tiny_chroma(folder: Path) -> Path:
+    """Save a tiny ChromaPipeline (random weights, 16x16 images): ChromaTransformer2DModel with 1 double and 1 single
+    block and a 1-layer guidance approximator, T5 only, the Flux VAE's shift and scale."""
+    import torch
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=T5_DIM, axes_dims_rope=(2, 2, 4), approximator_num_channels=16,
+        approximator_hidden_dim=32, approximator_layers=1,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    t5_tok = t5_tokenizer()
+    pipe = ChromaPipeline(transformer=transformer, scheduler=scheduler, vae=_vae(0.1159, 0.3611),
+                          text_encoder=_t5(t5_tok), tokenizer=t5_tok)
+    pipe.save_pretrained(folder / "pipe", safe_serialization=True)
+    return folder / "pipe"

@@ -162,7 +162,8 @@ def test_cached_modes_train_without_vae_or_text_encoder(tiny_sd, tmp_path):
     """--cached: the feedback's `dkto cache` is built once, and a mode then loads the UNet alone (less weight held)."""
     s = bench.BenchSettings(model=str(tiny_sd), batch_size=2, cached=True)
     data = bench.write_feedback(tmp_path / "data", 16, n=6)
-    bench.write_cache(s, data, 16)
+    bench.write_cache(bench.mode_overrides(bench.replace(s, cached=False), "lora", "sft", data, tmp_path / "c", 16),
+                      data)
     assert (bench.cache_path(data) / "manifest.json").is_file()
     overrides = bench.mode_overrides(s, "lora", "kto_matched", data, tmp_path / "o", 16)
     assert f"data.cache={bench._yaml_scalar(str(bench.cache_path(data)))}" in overrides

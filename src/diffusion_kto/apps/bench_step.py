@@ -43,6 +43,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..objectives import objective_class
+from .bench_inputs import cache_path, native_resolution, pairs_path, write_cache, write_feedback, write_pairs_data
 
 # (name, loss overrides): the losses compared; ratios are taken to "sft". A paired objective (dpo) trains on the pairs
 # formed from the same feedback (a pairs.jsonl, as `dkto convert to-pairs` writes it), batch_size / 2 pairs a step:
@@ -116,69 +117,9 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def write_feedback(folder: Path, resolution: int, n: int = 16, seed: int = 0) -> Path:
-    """Random-noise RGB images with alternating like/dislike labels, as a feedback.jsonl the trainer reads."""
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    words = ["red", "green", "blue", "circle", "square", "triangle"]
-    lines = []
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        prompt = f"a {words[i % 3]} {words[3 + i % 3]}"
-        lines.append(json.dumps({"image": f"{i}.png", "prompt": prompt, "label": i % 2 == 0}))
-    path = folder / "feedback.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def native_resolution(pretrained: str) -> int:
-    """The VAE's sample_size of a local diffusers folder (512 when it cannot be read)."""
-    from ..models import resolve_pretrained
-
-    config = Path(resolve_pretrained(pretrained)) / "vae" / "config.json"
-    try:
-        size = json.loads(config.read_text()).get("sample_size", 512)
-    except (OSError, ValueError):
-        return 512
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-
 def paired(loss: str) -> bool:
     """Whether a mode's objective trains on pairs (its objective says so)."""
     return objective_class(LOSSES[loss]["loss.name"]).paired
-
-
-def pairs_path(feedback: Path) -> Path:
-    """Where :func:`write_pairs_data` puts the pairs of a feedback file: ``pairs/pairs.jsonl`` beside it."""
-    return feedback.parent / "pairs" / "pairs.jsonl"
-
-
-def write_pairs_data(feedback: Path) -> Path:
-    """The pairs.jsonl of every same-prompt liked x disliked pair of a feedback file (what `dkto convert to-pairs`
-    writes), at :func:`pairs_path`, for the paired modes."""
-    from ..data import read_feedback
-    from ..data.pairs import feedback_to_pairs, write_pairs
-
-    return write_pairs(feedback_to_pairs(read_feedback(feedback), None), pairs_path(feedback).parent)
-
-
-def cache_path(feedback: Path) -> Path:
-    """Where :func:`write_cache` puts the `dkto cache` of a feedback file: ``cache/`` beside it."""
-    return feedback.parent / "cache"
-
-
-def write_cache(s: BenchSettings, feedback: Path, resolution: int) -> Path:
-    """`dkto cache` of the feedback (latents and every text embedding the losses use), in a subprocess so that this
-    process holds no weights while the modes run."""
-    base = mode_overrides(replace(s, cached=False), "lora", "sft", feedback, feedback.parent / "cache-run", resolution)
-    cmd = [sys.executable, "-m", "diffusion_kto.cli", "cache", *base, "--out", str(cache_path(feedback))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if proc.returncode != 0:
-        raise RuntimeError(f"dkto cache for the benchmark failed:\n{proc.stderr[-3000:]}")
-    return cache_path(feedback)
 
 
 def mode_overrides(s: BenchSettings, adapter: str, loss: str, data: Path, out: Path, resolution: int) -> list[str]:
@@ -397,7 +338,8 @@ def bench_step(s: BenchSettings, progress=None) -> dict:
         if s.cached:
             if progress:
                 progress("dkto cache of the benchmark's feedback")
-            write_cache(s, data, resolution)
+            base = replace(s, cached=False)
+            write_cache(mode_overrides(base, "lora", "sft", data, Path(tmp) / "cache-run", resolution), data)
 
         def run(adapter: str, loss: str, tag: str, steps: int, is_memory: bool) -> dict:
             """One worker subprocess of one mode."""

@@ -35,6 +35,16 @@ def t5_tokens(tokenizer) -> int:
     return min(T5_DEFAULT_TOKENS, int(limit)) if limit else T5_DEFAULT_TOKENS
 
 
+def packed_shift(config, side: int) -> float:
+    """exp(mu), mu linear in the image's token count side^2 (2x2-packed latents) between the scheduler's base and max
+    shift (FluxPipeline's calculate_shift); the scheduler's fixed shift when it does not shift dynamically."""
+    if not config.get("use_dynamic_shifting"):
+        return float(config.get("shift", 1.0))
+    return flow.resolution_shift(side * side, base_seq_len=config.get("base_image_seq_len", 256),
+                                 max_seq_len=config.get("max_image_seq_len", 4096),
+                                 base_shift=config.get("base_shift", 0.5), max_shift=config.get("max_shift", 1.15))
+
+
 def pack(latents: Tensor) -> Tensor:
     """2x2 patches as tokens: (B, C, h, w) -> (B, h/2 * w/2, 4C), channel-major within a patch (FluxPipeline)."""
     b, c, h, w = latents.shape
@@ -106,15 +116,8 @@ class Flux(FlowTransformerFamily):
         return {"max_sequence_length": t5_tokens(getattr(pipe, "tokenizer_2", None))}
 
     def default_shift(self) -> float:
-        """exp(mu), mu linear in the image's token count (h/2 * w/2) with the scheduler's base and max shift; the
-        scheduler's fixed shift when it does not shift dynamically."""
-        config = self.scheduler.config
-        if not config.get("use_dynamic_shifting"):
-            return float(config.get("shift", 1.0))
-        side = self.resolution // self.vae_factor // 2
-        return flow.resolution_shift(side * side, base_seq_len=config.get("base_image_seq_len", 256),
-                                     max_seq_len=config.get("max_image_seq_len", 4096),
-                                     base_shift=config.get("base_shift", 0.5), max_shift=config.get("max_shift", 1.15))
+        """Flux's packed-token shift (:func:`packed_shift`)."""
+        return packed_shift(self.scheduler.config, self.resolution // self.vae_factor // 2)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> FluxText:
