@@ -15,7 +15,7 @@ from diffusion_kto.models.flux import image_ids, pack, unpack
 from diffusion_kto.train import DiffusionKTOTrainer
 from diffusion_kto.train.precompute import build_cache
 
-FAMILIES = ["tiny_sd3", "tiny_flux", "tiny_chroma"]  # family-agnostic: every flow family's tiny pipeline fixture
+FAMILIES = ["tiny_sd3", "tiny_flux", "tiny_chroma", "tiny_z_image"]  # family-agnostic: every flow family's tiny pipeline fixture
 
 
 def _cfg(pipe, data, out, **extra):

@@ -134,3 +134,24 @@ def build_tiny_chroma(folder: Path) -> Path:
                           text_encoder=_t5(t5_tok), tokenizer=t5_tok)
     pipe.save_pretrained(folder / "pipe", safe_serialization=True)
     return folder / "pipe"
+
+
+def build_tiny_z_image(folder: Path) -> Path:
+    """Save a tiny ZImagePipeline (random weights, 16x16 images): ZImageTransformer2DModel with one main and one
+    refiner layer of width 16, a 2-layer Qwen3 text encoder (width 16), the Flux VAE's shift and scale and Z-Image's
+    fixed-shift scheduler."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    from tiny_llm import WIDTH, qwen3, qwen_tokenizer
+
+    torch.manual_seed(0)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=16, n_layers=1, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, cap_feat_dim=WIDTH, axes_dims=[2, 2, 4], axes_lens=[64, 16, 16],
+    )
+    tokenizer = qwen_tokenizer()
+    pipe = ZImagePipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                          vae=_vae(0.1159, 0.3611), text_encoder=qwen3(tokenizer), tokenizer=tokenizer)
+    pipe.save_pretrained(folder / "pipe", safe_serialization=True)
+    return folder / "pipe"
