@@ -11,7 +11,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tiny import build_tiny_sd, build_tiny_sdxl, write_feedback  # noqa: E402
-from tiny_flow import build_tiny_chroma, build_tiny_flux, build_tiny_sd3, build_tiny_z_image  # noqa: E402
+from tiny_flow import (build_tiny_chroma, build_tiny_flux, build_tiny_qwen_image, build_tiny_sd3,  # noqa: E402
+                       build_tiny_z_image)
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +61,9 @@ def tiny_chroma(tmp_path_factory) -> Path:
 def tiny_z_image(tmp_path_factory) -> Path:
     """A tiny Z-Image pipeline folder (Qwen3 text encoder, single-stream DiT)."""
     return build_tiny_z_image(tmp_path_factory.mktemp("tiny_z_image"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image(tmp_path_factory) -> Path:
+    """A tiny Qwen-Image pipeline folder (Qwen2.5-VL text encoder, video VAE)."""
+    return build_tiny_qwen_image(tmp_path_factory.mktemp("tiny_qwen_image"))

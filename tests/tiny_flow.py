@@ -155,3 +155,31 @@ def build_tiny_z_image(folder: Path) -> Path:
                           vae=_vae(0.1159, 0.3611), text_encoder=qwen3(tokenizer), tokenizer=tokenizer)
     pipe.save_pretrained(folder / "pipe", safe_serialization=True)
     return folder / "pipe"
+
+
+def build_tiny_qwen_image(folder: Path) -> Path:
+    """Save a tiny QwenImagePipeline (random weights, 16x16 images): QwenImageTransformer2DModel with one block of
+    width 16, a tiny Qwen2.5-VL (2 text layers, one vision block), a one-level AutoencoderKLQwenImage (16x16 RGB <->
+    8x8x4, per-channel latent mean and std away from 0 / 1) and a dynamic-shifting scheduler."""
+    import torch
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+
+    from tiny_llm import WIDTH, qwen25_vl, qwen_tokenizer
+
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=WIDTH, axes_dims_rope=(2, 2, 4),
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.2, -0.1, 0.3, 0.0], latents_std=[1.5, 0.8, 2.0, 1.2])
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192, shift=1.0)
+    tokenizer = qwen_tokenizer()
+    tokenizer.model_max_length = 256  # the template's bytes and the prompt fit (the pipeline keeps up to 1024)
+    pipe = QwenImagePipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=qwen25_vl(tokenizer),
+                             tokenizer=tokenizer)
+    pipe.save_pretrained(folder / "pipe", safe_serialization=True)
+    return folder / "pipe"

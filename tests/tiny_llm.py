@@ -46,3 +46,22 @@ def qwen3(tokenizer, layers: int = 2, cls_name: str = "Qwen3Model"):
                                       head_dim=8, max_position_embeddings=TOKENS, tie_word_embeddings=True,
                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     return getattr(transformers, cls_name)(config)
+
+
+def qwen25_vl(tokenizer):
+    """A tiny Qwen2_5_VLForConditionalGeneration: 2 text layers of width WIDTH (multimodal RoPE) and a one-block
+    vision tower, as Qwen-Image's text encoder."""
+    import torch
+    import transformers
+
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, tie_word_embeddings=True,
+                bos_token_id=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=WIDTH, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0], window_size=16)
+    torch.manual_seed(0)
+    return transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>")))

@@ -73,7 +73,7 @@ class FlowTransformerFamily:
         vae_config = parts["vae_config"]
         self.latent_scale = float(vae_config.get("scaling_factor") or 1.0)
         self.latent_shift = float(vae_config.get("shift_factor") or 0.0)
-        self.vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.vae_factor = self.latent_factor(vae_config)
         self.transformer, self.ref_transformer = parts["transformer"], None
         if self.transformer is None:  # encoders only (dkto cache)
             return
@@ -105,6 +105,11 @@ class FlowTransformerFamily:
         network = import_class(cls.parts["transformer"])
         parts["transformer_config"] = dict(network.load_config(pretrained, subfolder="transformer", revision=revision))
         return cls(pretrained=pretrained, parts=parts, **kw)
+
+    @classmethod
+    def latent_factor(cls, vae_config: dict) -> int:
+        """How many pixels one latent spans per side: 2^(levels - 1) of an AutoencoderKL."""
+        return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
     @classmethod
     def quantized_parts(cls, kw: dict) -> dict:
