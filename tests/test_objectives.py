@@ -24,7 +24,7 @@ LIKED = torch.tensor([True, False])
 
 def test_registry_is_what_the_config_accepts():
     choices = next(f for f in LossConfig.__dataclass_fields__.values() if f.name == "name").metadata["choices"]
-    assert tuple(OBJECTIVES) == choices == ("kto", "sft", "csft", "dpo")
+    assert tuple(OBJECTIVES) == choices == ("kto", "sft", "csft", "dpo", "kto_paired", "bco", "nft")
     for name, cls in OBJECTIVES.items():
         assert isinstance(build_objective(load_config(None, [f"loss.name={name}"])), cls) and cls.name == name
 
@@ -33,7 +33,8 @@ def test_what_each_objective_needs():
     """KTO and DPO need the reference; only DPO draws pairs; SFT draws liked rows only and needs no disliked ones."""
     needs = {n: (c.needs_reference, c.paired, c.needs_both_classes) for n, c in OBJECTIVES.items()}
     assert needs == {"kto": (True, False, True), "sft": (False, False, False), "csft": (False, False, True),
-                     "dpo": (True, True, True)}
+                     "dpo": (True, True, True), "kto_paired": (True, False, True), "bco": (True, False, True),
+                     "nft": (True, False, True)}
     assert KTO(beta=1).liked_share(0.8) == 0.8 and CSFT().liked_share(0.8) == 0.8
     assert SFT().liked_share(0.8) == 1.0 and DPO(1.0).liked_share(0.8) == 1.0
 

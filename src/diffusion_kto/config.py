@@ -18,7 +18,7 @@ import yaml
 
 from .errors import ConfigError
 from .flow import LAWS, WEIGHTINGS
-from .objectives import OBJECTIVES, objective_class
+from .objectives import OBJECTIVES, REWARD_SHIFTS, objective_class
 
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "to_dict", "validate"]
 
@@ -97,7 +97,8 @@ class DataConfig:
 class LossConfig:
     """The objective: Diffusion-KTO or a baseline."""
 
-    name: str = _choice("kto", tuple(OBJECTIVES))  # sft/csft/dpo are the paper's baselines
+    # sft/csft/dpo are the paper's baselines; kto_paired, bco, nft go beyond the paper (docs/method.md)
+    name: str = _choice("kto", tuple(OBJECTIVES))
     beta: float = _positive(5000.0, "paper: 5000; official script default 1000")
     utility: str = _choice("kt", ("kt", "loss_averse", "risk_seeking"))
     # per_prompt: Q_ref of each sample from the batch's samples of its own prompt (a prompt alone in the batch takes
@@ -112,6 +113,13 @@ class LossConfig:
     # csft: where the "good image" / "bad image" phrase goes; the paper prefixes it. A suffix leaves a causal text
     # encoder's states of the prompt's own tokens as they were (the toy model's needs that: docs/method.md)
     csft_position: str = _choice("prefix", ("prefix", "suffix"))
+    # kto_paired: lambda of the same-prompt pair term -log sigma(s beta (g_i - g_j)); 0 leaves the kto losses
+    pair_weight: float = _positive(1.0, "kto_paired: weight of the same-prompt pair term", allow_zero=True)
+    # bco: the reward shift delta, folded over the whole run: the midpoint of the liked and disliked mean rewards
+    # (balanced) or the mean of every reward (pooled, TRL's BCOTrainer); they differ when data.desirable_ratio != 0.5
+    reward_shift: str = _choice("balanced", REWARD_SHIFTS, "bco: running reward shift delta")
+    # nft: beta' of the implicit policies v+- = v_ref +- beta' (v_theta - v_ref); loss.beta is not read by nft
+    nft_beta: float = _positive(1.0, "nft: mixing coefficient of the implicit positive / negative policies")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from torch import Tensor
 from . import diffusion
 from .data import Batch
 from .models.base import Conditioning, DiffusionFamily
-from .objectives import Errors, ForwardPlan
+from .objectives import Errors, ForwardPlan, Outputs
 
 # Streams of the counter-based randomness: each sample's draws depend only on (seed, draw id, stream).
 STREAM_TIMESTEP, STREAM_NOISE, STREAM_LATENT = 1, 2, 3
@@ -38,7 +38,8 @@ def _error(pred: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
 
 def denoising_errors(family: DiffusionFamily, x0: Tensor, cond: Conditioning, draw_ids: Tensor, seed: int,
                      plan: ForwardPlan) -> Errors:
-    """Policy (with gradient) and, as ``plan`` asks, reference and mismatched-prompt errors on shared draws.
+    """Policy (with gradient) and, as ``plan`` asks, reference and mismatched-prompt errors on shared draws, and the
+    raw predictions behind them (``plan.outputs``: the same tensors the errors are computed from).
 
     The reference passes on the batch and on its first n samples with prompts rolled by one (unrelated pairs) are
     one batched no-grad pass; the policy's grad pass runs last, so that no no-grad activations coexist with its saved
@@ -47,7 +48,9 @@ def denoising_errors(family: DiffusionFamily, x0: Tensor, cond: Conditioning, dr
     t = family.timesteps(seed, draw_ids, STREAM_TIMESTEP).to(x0.device)  # (B,)
     x_t, target, weight = family.noisy(x0, noise, t)
     if not plan.reference:
-        return Errors(policy=_error(family.predict(x_t, t, cond), target, weight))
+        pred = family.predict(x_t, t, cond)
+        outputs = Outputs(policy=pred, target=target, weight=weight) if plan.outputs else None
+        return Errors(policy=_error(pred, target, weight), outputs=outputs)
     mismatched: dict[str, Tensor] = {}
     if plan.mismatched:
         b, n = len(x_t), plan.mismatched
@@ -61,5 +64,6 @@ def denoising_errors(family: DiffusionFamily, x0: Tensor, cond: Conditioning, dr
     else:
         ref_match = family.predict(x_t, t, cond, reference=True)
     reference = _error(ref_match, target, weight)
-    policy = _error(family.predict(x_t, t, cond), target, weight)
-    return Errors(policy=policy, reference=reference, **mismatched)
+    pred = family.predict(x_t, t, cond)
+    outputs = Outputs(policy=pred, target=target, reference=ref_match, weight=weight) if plan.outputs else None
+    return Errors(policy=_error(pred, target, weight), reference=reference, outputs=outputs, **mismatched)

@@ -163,3 +163,124 @@ def dpo_loss(policy_err_w: Tensor, policy_err_l: Tensor, ref_err_w: Tensor, ref_
     inside = -0.5 * beta * ((policy_err_w - policy_err_l) - (ref_err_w - ref_err_l))  # (P,)
     margins = inside.detach()
     return DPOOutput(losses=-F.logsigmoid(inside), margins=margins, accuracy=(margins > 0).float().mean())
+
+
+# ------------------------------------------------------------------------------------ beyond the paper (docs/method.md)
+
+
+class NFTOutput(NamedTuple):
+    """Per-sample DiffusionNFT losses plus detached diagnostics."""
+
+    losses: Tensor  # (B,) not reduced
+    positive_err: Tensor  # (B,) ||v+ - target||^2 (weighted), detached
+    negative_err: Tensor  # (B,) ||v- - target||^2 (weighted), detached
+    deviation: Tensor  # (B,) ||v_theta - v_ref||^2, detached
+
+
+def nft_loss(policy_out: Tensor, ref_out: Tensor, target: Tensor, desirable: Tensor, *, beta: float,
+             weight: Tensor | None = None) -> NFTOutput:
+    """DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117): r ||v+ - v||^2 / beta + (1 - r) ||v- - v||^2 / beta.
+
+    v+ = beta v_theta + (1 - beta) v_ref and v- = (1 + beta) v_ref - beta v_theta are the implicit positive and
+    negative policies, r = 1 liked / 0 disliked. ``policy_out``, ``ref_out``, ``target``: (B, ...) network outputs
+    in any parameterisation (epsilon, v, flow velocity; docs/method.md says why the algebra is the same);
+    ``weight``: (B,) the family's per-sample weight or None. Computed in fp32, like the errors."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    pol, ref, tgt = policy_out.float(), ref_out.detach().float(), target.float()  # (B, ...)
+    positive = beta * pol + (1 - beta) * ref  # (B, ...)
+    negative = (1 + beta) * ref - beta * pol  # (B, ...)
+    pos_err = (positive - tgt).pow(2).flatten(1).mean(dim=1)  # (B,)
+    neg_err = (negative - tgt).pow(2).flatten(1).mean(dim=1)  # (B,)
+    if weight is not None:
+        pos_err, neg_err = pos_err * weight.to(pos_err), neg_err * weight.to(neg_err)
+    liked = desirable.to(device=pos_err.device, dtype=torch.bool)
+    losses = torch.where(liked, pos_err, neg_err) / beta  # (B,)
+    deviation = (pol.detach() - ref).pow(2).flatten(1).mean(dim=1)  # (B,)
+    return NFTOutput(losses=losses, positive_err=pos_err.detach(), negative_err=neg_err.detach(), deviation=deviation)
+
+
+class RewardShift(NamedTuple):
+    """BCO's running reward statistics: sums (float64, as Python floats: exact through JSON) and counts per class."""
+
+    liked_sum: float = 0.0
+    liked_count: int = 0
+    disliked_sum: float = 0.0
+    disliked_count: int = 0
+
+
+def update_reward_shift(previous: RewardShift, rewards: Tensor, desirable: Tensor) -> RewardShift:
+    """Fold a (gathered) batch of rewards beta*g, (N,), into the running sums of each class (float64)."""
+    r = rewards.detach().double().cpu()  # (N,)
+    liked = desirable.detach().to(dtype=torch.bool).cpu()  # (N,)
+    return RewardShift(liked_sum=previous.liked_sum + float(r[liked].sum()),
+                       liked_count=previous.liked_count + int(liked.sum()),
+                       disliked_sum=previous.disliked_sum + float(r[~liked].sum()),
+                       disliked_count=previous.disliked_count + int((~liked).sum()))
+
+
+def reward_shift_value(state: RewardShift, mode: str = "balanced") -> float:
+    """delta: ``balanced`` = (mean liked reward + mean disliked reward) / 2, the delta of the tightest bound
+    log sigma(r_w - r_l) >= log sigma(r_w - delta) + log sigma(delta - r_l) (docs/method.md), a class not seen yet
+    leaving the other's mean; ``pooled`` = the mean of every reward (TRL's BCOTrainer). 0 before any reward."""
+    ln, dn = state.liked_count, state.disliked_count
+    if mode == "pooled":
+        return (state.liked_sum + state.disliked_sum) / (ln + dn) if ln + dn else 0.0
+    if mode != "balanced":
+        raise ValueError(f"unknown reward shift {mode!r}; expected balanced or pooled")
+    means = [s / n for s, n in ((state.liked_sum, ln), (state.disliked_sum, dn)) if n]
+    return sum(means) / len(means) if means else 0.0
+
+
+class BCOOutput(NamedTuple):
+    """Per-sample BCO losses plus detached diagnostics."""
+
+    losses: Tensor  # (B,) not reduced
+    rewards: Tensor  # (B,) beta * g, detached
+    margins: Tensor  # (B,) s (beta g - delta), detached; > 0 means the classifier puts the sample on its side
+    accuracy: Tensor  # () share of samples with margin > 0
+
+
+def bco_loss(policy_err: Tensor, ref_err: Tensor, desirable: Tensor, delta: Tensor | float, *,
+             beta: float) -> BCOOutput:
+    """BCO (Jung et al. 2024, arXiv 2404.04656): -log sigma(beta g - delta) liked, -log sigma(-(beta g - delta))
+    disliked, g = ref_err - policy_err. policy_err, ref_err: (B,); desirable: (B,) bool; delta: scalar, no gradient."""
+    desirable = desirable.to(device=policy_err.device, dtype=torch.bool)
+    delta = torch.as_tensor(delta, dtype=policy_err.dtype, device=policy_err.device).detach()
+    rewards = beta * implicit_reward(policy_err, ref_err)  # (B,)
+    sign = desirable.to(policy_err.dtype) * 2 - 1  # (B,) +1 / -1
+    z = sign * (rewards - delta)  # (B,)
+    margins = z.detach()
+    return BCOOutput(losses=-F.logsigmoid(z), rewards=rewards.detach(), margins=margins,
+                     accuracy=(margins > 0).float().mean())
+
+
+class PairTerms(NamedTuple):
+    """Same-prompt liked x disliked comparisons of each row against every column (the gathered batch)."""
+
+    losses: Tensor  # (B,) mean of -log sigma(m_ij) over the row's partners; 0 for a row without one
+    partners: Tensor  # (B,) int64 number of partners
+    margins: Tensor  # (B, N) m_ij = s_i beta (g_i - g_j), detached; meaningful where ``mask``
+    mask: Tensor  # (B, N) bool: j has the row's prompt and the other label
+
+
+def same_prompt_pairs(g: Tensor, desirable: Tensor, groups: Tensor, g_all: Tensor, desirable_all: Tensor,
+                      groups_all: Tensor, *, beta: float, pairable: Tensor | None = None,
+                      pairable_all: Tensor | None = None) -> PairTerms:
+    """Per-row Bradley-Terry terms over same-prompt pairs: -log sigma(beta (g_w - g_l)) (Diffusion-DPO's form on the
+    implicit rewards of separately noised images, docs/method.md), s_i = +1 liked / -1 disliked.
+
+    Rows: this process's samples, g (B,) with gradient; columns: the whole batch's, g_all (N,) detached (the row's
+    own copy never pairs with it: same label). ``pairable`` / ``pairable_all``: which rows / columns may pair."""
+    liked, liked_all = desirable.to(torch.bool), desirable_all.to(torch.bool)
+    mask = (groups.reshape(-1, 1) == groups_all.reshape(1, -1)) & (liked.reshape(-1, 1) != liked_all.reshape(1, -1))
+    if pairable is not None:
+        mask = mask & pairable.reshape(-1, 1).to(torch.bool)
+    if pairable_all is not None:
+        mask = mask & pairable_all.reshape(1, -1).to(torch.bool)  # (B, N)
+    sign = liked.to(g.dtype) * 2 - 1  # (B,)
+    m = sign.reshape(-1, 1) * beta * (g.reshape(-1, 1) - g_all.detach().to(g).reshape(1, -1))  # (B, N)
+    terms = torch.where(mask, -F.logsigmoid(m), torch.zeros_like(m))  # (B, N)
+    partners = mask.sum(dim=1)  # (B,)
+    losses = terms.sum(dim=1) / partners.clamp(min=1).to(g.dtype)  # (B,)
+    return PairTerms(losses=losses, partners=partners, margins=m.detach(), mask=mask)

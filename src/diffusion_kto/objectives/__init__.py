@@ -5,15 +5,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Errors, ForwardPlan, Gather, LossOutput, Objective, prompt_groups
+from .base import Errors, ForwardPlan, Gather, LossOutput, Objective, Outputs, class_mean, prompt_groups
 from .baselines import CSFT, SFT, csft_prompt
+from .bco import BCO, SHIFTS as REWARD_SHIFTS
 from .dpo import DPO
 from .kto import KTO
+from .kto_paired import KTOPaired
+from .nft import NFT
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (KTO, SFT, CSFT, DPO)}
+# the paper's method and baselines first, then the objectives beyond the paper (docs/method.md)
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (KTO, SFT, CSFT, DPO, KTOPaired, BCO, NFT)}
 
-__all__ = ["CSFT", "DPO", "Errors", "ForwardPlan", "Gather", "KTO", "LossOutput", "OBJECTIVES", "Objective", "SFT",
-           "build_objective", "csft_prompt", "objective_class", "prompt_groups"]
+__all__ = ["BCO", "CSFT", "DPO", "Errors", "ForwardPlan", "Gather", "KTO", "KTOPaired", "LossOutput", "NFT",
+           "OBJECTIVES", "Objective", "Outputs", "REWARD_SHIFTS", "SFT", "build_objective", "class_mean",
+           "csft_prompt", "objective_class", "prompt_groups"]
 
 
 def objective_class(name: str) -> type[Objective]:

@@ -8,6 +8,7 @@ every process, concatenated), and reduces the per-sample losses it returns. Conf
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -16,6 +17,17 @@ import torch
 from torch import Tensor
 
 Gather = Callable[[Tensor], Tensor]  # (n,) on this process -> (n * processes,) over all of them
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The raw network outputs behind the errors (for objectives on predictions, not only errors: DiffusionNFT), in
+    the family's own parameterisation (epsilon, v or flow velocity) and shape."""
+
+    policy: Tensor  # (B, ...) with gradient
+    target: Tensor  # (B, ...) the regression target the errors measure against
+    reference: Tensor | None = None  # (B, ...) no gradient; None when the plan asks no reference
+    weight: Tensor | None = None  # (B,) the family's per-sample weight of the errors, None when it has none
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,12 @@ class Errors:
     # the first n samples with their prompts rolled by one within the batch (unrelated pairs, paper §4.1); no gradient
     policy_mismatched: Tensor | None = None  # (n,)
     reference_mismatched: Tensor | None = None  # (n,)
+    outputs: Outputs | None = None  # the predictions themselves, when the plan asks for them
+
+
+def class_mean(values: Tensor) -> float:
+    """The mean of a possibly empty tensor, for a log (NaN when empty: the class is absent from the batch)."""
+    return values.float().mean().item() if values.numel() else math.nan
 
 
 def prompt_groups(prompts: Sequence[str]) -> Tensor:
@@ -43,6 +61,7 @@ class ForwardPlan:
 
     reference: bool = False  # the reference's errors on the batch
     mismatched: int = 0  # n > 0: policy and reference errors of the first n samples on prompts rolled by one
+    outputs: bool = False  # also hand over the raw predictions, target and weight (Errors.outputs)
 
 
 @dataclass
