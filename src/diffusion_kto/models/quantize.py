@@ -23,18 +23,18 @@ PACKAGES = {"nf4": "bitsandbytes", "int8": "torchao", "fp8": "torchao"}
 
 
 def check(kind: str) -> None:
-    """Refuse, in one line naming model.quantize_base, a quantized base that cannot load here: without its package,
-    or nf4 without a CUDA GPU (bitsandbytes' 4-bit kernels are CUDA-only in diffusers). config.py refuses it with a
-    full fine-tune."""
+    """Refuse, in one line naming model.quantize_base, a quantized base that cannot load here: nf4 without a CUDA GPU
+    (bitsandbytes' 4-bit kernels are CUDA-only in diffusers; checked first, since no install fixes it), or a missing
+    package. config.py refuses it with a full fine-tune."""
     if kind == "none":
         return
     key = f"model.quantize_base={kind}"
     package = PACKAGES[kind]
-    if importlib.util.find_spec(package) is None:
-        raise ConfigError(f"{key}: needs the {package} package (pip install {package})")
     if kind == "nf4" and not torch.cuda.is_available():
         raise ConfigError(f"{key}: bitsandbytes' 4-bit weights need a CUDA GPU and none is visible; on a CPU use "
                           "model.quantize_base=int8 or fp8 (torchao)")
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(f"{key}: needs the {package} package (pip install {package})")
 
 
 def diffusers_config(kind: str, compute_dtype: torch.dtype):
