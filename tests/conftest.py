@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tiny import build_tiny_sd, build_tiny_sdxl, write_feedback  # noqa: E402
 from tiny_flow import (build_tiny_chroma, build_tiny_flux, build_tiny_qwen_image, build_tiny_sd3,  # noqa: E402
                        build_tiny_z_image)
+from tiny_flux2 import build_tiny_flux2, build_tiny_flux2_klein  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +68,15 @@ def tiny_z_image(tmp_path_factory) -> Path:
 def tiny_qwen_image(tmp_path_factory) -> Path:
     """A tiny Qwen-Image pipeline folder (Qwen2.5-VL text encoder, video VAE)."""
     return build_tiny_qwen_image(tmp_path_factory.mktemp("tiny_qwen_image"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2(tmp_path_factory) -> Path:
+    """A tiny FLUX.2 [dev] pipeline folder (Mistral3 text encoder, guidance embedding)."""
+    return build_tiny_flux2(tmp_path_factory.mktemp("tiny_flux2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_klein(tmp_path_factory) -> Path:
+    """A tiny step-distilled FLUX.2 [klein] pipeline folder (Qwen3 text encoder, no guidance embedding)."""
+    return build_tiny_flux2_klein(tmp_path_factory.mktemp("tiny_flux2_klein"))

@@ -94,8 +94,8 @@ def lora_run(request, tmp_path_factory):
 
 def _image(pipe):
     """A fixed-seed 16 px image as a tensor."""
-    return pipe("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(0), height=16, width=16,
-                output_type="pt").images
+    return pipe(prompt="a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(0), height=16,
+                width=16, output_type="pt").images
 
 
 def _loaded_image(base, lora_file):

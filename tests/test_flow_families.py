@@ -15,7 +15,8 @@ from diffusion_kto.models.flux import image_ids, pack, unpack
 from diffusion_kto.train import DiffusionKTOTrainer
 from diffusion_kto.train.precompute import build_cache
 
-FAMILIES = ["tiny_sd3", "tiny_flux", "tiny_chroma", "tiny_z_image", "tiny_qwen_image"]  # family-agnostic: every flow family's tiny pipeline fixture
+FAMILIES = ["tiny_sd3", "tiny_flux", "tiny_chroma", "tiny_z_image", "tiny_qwen_image", "tiny_flux2",
+            "tiny_flux2_klein"]  # family-agnostic: every flow family's tiny pipeline fixture
 
 
 def _cfg(pipe, data, out, **extra):
@@ -136,7 +137,7 @@ def _image(pipeline):
     from diffusion_kto.models import call_options
 
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline("a red circle", generator=torch.Generator().manual_seed(0), height=16, width=16,
+    return pipeline(prompt="a red circle", generator=torch.Generator().manual_seed(0), height=16, width=16,
                     num_inference_steps=3, output_type="np", **call_options(pipeline)).images
 
 
@@ -246,9 +247,10 @@ def test_flux_packing_ids_and_resolution_shift(tiny_flux, feedback, tmp_path):
 
 
 @pytest.mark.parametrize("pipe", FAMILIES)
-@pytest.mark.parametrize("name", ["sft", "dpo", "csft"])
+@pytest.mark.parametrize("name", ["sft", "dpo", "csft", "kto_paired", "bco", "nft"])
 def test_objectives_train(pipe, name, tmp_path, request):
-    """SFT, Flow-DPO (Diffusion-DPO on velocity errors) and CSFT through the same trainer on both families."""
+    """Every objective besides KTO (the tests above) through the same trainer on every flow family: SFT, Flow-DPO
+    (Diffusion-DPO on velocity errors), CSFT, KTO with pairs, BCO and NFT (raw predictions)."""
     from tiny import write_feedback
 
     data = write_feedback(tmp_path / "d")

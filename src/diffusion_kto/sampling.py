@@ -114,7 +114,8 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int =
     for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
         chunk_p, chunk_s = list(prompts[i : i + batch_size]), seeds[i : i + batch_size]
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk_s]
-        out = pipe(chunk_p, num_inference_steps=steps, guidance_scale=guidance, generator=generators, **size, **options)
+        out = pipe(prompt=chunk_p, num_inference_steps=steps, guidance_scale=guidance, generator=generators, **size,
+                   **options)  # prompt by name: FLUX.2's first positional argument is its reference image
         images.extend(out.images)
     return images
 

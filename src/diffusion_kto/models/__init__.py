@@ -13,6 +13,7 @@ from ..config import ConfigError
 from .base import DiffusionFamily, unwrap
 from .chroma import Chroma
 from .flux import Flux
+from .flux2 import Flux2, Flux2Klein
 from .loading import is_hub_id, loading_error, locate
 from .qwen_image import QwenImage
 from .sd3 import StableDiffusion3
@@ -20,15 +21,16 @@ from .sdxl import StableDiffusionXL
 from .stable_diffusion import StableDiffusion
 from .z_image import ZImage
 
-__all__ = ["Chroma", "DiffusionFamily", "FAMILIES", "Flux", "QwenImage", "StableDiffusion", "StableDiffusion3", "StableDiffusionXL",
-           "ZImage", "call_options", "component_fingerprint", "family_of", "load_family", "resolve_pretrained",
+__all__ = ["Chroma", "DiffusionFamily", "FAMILIES", "Flux", "Flux2", "Flux2Klein", "QwenImage", "StableDiffusion",
+           "StableDiffusion3", "StableDiffusionXL", "ZImage", "call_options", "component_fingerprint", "family_of", "load_family", "resolve_pretrained",
            "sampling_scheduler", "text_components", "unwrap", "vae_fingerprint"]
 
 # pipeline class -> family
 FAMILIES: dict[str, type] = {"StableDiffusionPipeline": StableDiffusion, "StableDiffusionXLPipeline": StableDiffusionXL,
                              "StableDiffusion3Pipeline": StableDiffusion3, "FluxPipeline": Flux,
                              "ChromaPipeline": Chroma, "ZImagePipeline": ZImage,
-                             "QwenImagePipeline": QwenImage}
+                             "QwenImagePipeline": QwenImage, "Flux2Pipeline": Flux2,
+                             "Flux2KleinPipeline": Flux2Klein}
 # config keys (or sections) that only some families read; a family lists those it reads in its ``reads``
 FAMILY_KEYS = ("flow", "model.drop_t5", "model.guidance_scale", "model.quantize_base", "model.vae")
 

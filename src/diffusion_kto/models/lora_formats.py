@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .flux_kohya import to_bfl_kohya
+from . import flux_kohya
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 FORMATS = ("diffusers", "kohya")
@@ -49,7 +49,7 @@ class LoraSource:
 
     alpha: float  # LoRA alpha (lora.alpha, or the rank): weights are scaled by alpha / r
     pipeline_class: str  # the diffusers pipeline whose save_lora_weights writes the diffusers format
-    # "diffusers" (SD 1.x / 2.x module paths), "sgm" (SDXL's LDM UNet), "bfl" (FLUX.1's own names) or "" (none: SD3)
+    # "diffusers" (module paths), "sgm" (SDXL's LDM UNet), "bfl" / "bfl2" (FLUX.1's / FLUX.2's own names), "" (none)
     kohya_layout: str = "diffusers"
     unet_config: dict = field(default_factory=dict)  # the network's config (block layout for "sgm", widths for "bfl")
     component: str = "unet"  # the pipeline component the LoRA belongs to
@@ -142,8 +142,9 @@ def kohya_name(path: str, source: LoraSource) -> str:
 
 def to_kohya(peft_state: dict[str, Tensor], source: LoraSource) -> dict[str, Tensor]:
     """peft LoRA weights -> kohya keys: <name>.lora_down.weight (A), .lora_up.weight (B), .alpha (0-dim float32)."""
-    if source.kohya_layout == "bfl":
-        return to_bfl_kohya(peft_state, source.alpha, source.unet_config)
+    if source.kohya_layout in ("bfl", "bfl2"):
+        layout = flux_kohya.FLUX1 if source.kohya_layout == "bfl" else flux_kohya.FLUX2
+        return flux_kohya.to_bfl_kohya(peft_state, source.alpha, source.unet_config, layout)
     out: dict[str, Tensor] = {}
     for path, (down, up) in lora_modules(peft_state).items():
         name = kohya_name(path, source)

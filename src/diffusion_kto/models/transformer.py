@@ -328,4 +328,8 @@ class FlowTransformerFamily:
         modules = {"vae": self.require("vae"), "scheduler": self.scheduler, **self.text}
         with contextlib.ExitStack() as stack:
             transformer = stack.enter_context(self.reference_weights()) if reference else unwrap(self.transformer)
-            yield import_class(self.pipeline_class)(transformer=transformer, **modules)
+            yield import_class(self.pipeline_class)(transformer=transformer, **modules, **self.pipeline_options())
+
+    def pipeline_options(self) -> dict:
+        """Extra constructor keywords of the family's pipeline from the model folder's own flags (none here)."""
+        return {}
