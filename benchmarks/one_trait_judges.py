@@ -32,3 +32,11 @@ def most_saturated(images, prompts=None) -> np.ndarray:
     """Mean saturation (max - min channel) of the image, scaled so a saturated shape on a plain ground scores ~1."""
     x = _pixels(images)
     return np.clip((x.max(axis=-1) - x.min(axis=-1)).mean(axis=(1, 2)) / 0.4, 0.0, 1.0)
+
+
+def greenest(images, prompts=None) -> np.ndarray:
+    """Share of the image's pixels that are clearly green (g high, r and b low), scaled so a green shape scores ~1:
+    the single-colour probe of the guards that act (apps/guard_rollback.py), written after the guard."""
+    x = _pixels(images)
+    green = (x[..., 1] > 0.45) & (x[..., 0] < 0.35) & (x[..., 2] < 0.4)  # (N, H, W)
+    return np.clip(green.mean(axis=(1, 2)) / 0.15, 0.0, 1.0)

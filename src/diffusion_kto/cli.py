@@ -145,7 +145,10 @@ def _add_demo(sub) -> None:
     p.add_argument("--groups", type=int, default=8, help="seed groups per held-out prompt in the evaluation")
     p.add_argument("--guard", type=float, default=0.9,
                    help="the aligned model fails its guard below this share of the base's prompt fidelity ...")
-    p.add_argument("--diversity-guard", type=float, default=0.6, help="... or below this share of its diversity")
+    p.add_argument("--diversity-guard", type=float, default=0.75, help="... or below this share of its diversity")
+    p.add_argument("--guard-checks", type=int, default=8,
+                   help="checkpoints checked against the guards after training, newest first; the newest that passes "
+                        "is kept (rollback); 0: keep the final model whatever the guards say")
     p.add_argument("--config", default=None, help="training config (default: the model's, configs/toy-kto.yaml for "
                                                   "toy, configs/toy-flow-kto.yaml for toy-flow)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
@@ -158,7 +161,7 @@ def _run_demo(args) -> int:
     settings = DemoSettings(out=Path(args.out), model=args.model, judge=args.judge, budget=args.budget, seed=args.seed,
                             threshold=DemoSettings.threshold if args.threshold is None else args.threshold,
                             label_noise=args.label_noise, groups_per_prompt=args.groups, guard=args.guard,
-                            diversity_guard=args.diversity_guard,
+                            diversity_guard=args.diversity_guard, guard_checks=args.guard_checks,
                             config=Path(args.config) if args.config else None, overrides=tuple(args.overrides))
     run_demo(settings)
     return 0

@@ -99,7 +99,7 @@ def add_loop(sub) -> None:
     p.add_argument("--label-noise", type=float, default=0.0, help="--judge: probability of flipping each label")
     p.add_argument("--guard", type=float, default=0.9,
                    help="a round whose prompt fidelity falls below this share of the base's is rolled back")
-    p.add_argument("--diversity-guard", type=float, default=0.6,
+    p.add_argument("--diversity-guard", type=float, default=0.75,
                    help="... or whose diversity falls below this share of the base's (docs/labeling.md)")
     p.add_argument("--groups", type=int, default=8, help="seed groups per held-out prompt in each evaluation")
     p.add_argument("--images-per-prompt", type=int, default=5, help="N of the median-of-N win rate (paper: 5)")

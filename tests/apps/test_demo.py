@@ -17,7 +17,7 @@ def test_demo_smoke_run_with_a_users_judge_writes_feedback_report_and_metrics(tm
                      "    return [float(np.asarray(im, dtype=float).mean() / 255) for im in images]\n")
     out = tmp_path / "demo"
     proc = dkto("demo", "--out", str(out), "--judge", f"{judge}:brightness", "--budget", "16", "--groups", "1",
-                "--threshold", "0.5", "train.max_steps=2", "train.batch_size=4")
+                "--threshold", "0.5", "--guard-checks", "1", "train.max_steps=2", "train.batch_size=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "aligned beats base in" in proc.stdout
     rows = [json.loads(line) for line in (out / "feedback" / "feedback.jsonl").read_text().splitlines()]
@@ -26,7 +26,8 @@ def test_demo_smoke_run_with_a_users_judge_writes_feedback_report_and_metrics(tm
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["judge"] == f"{judge}:brightness" and metrics["train"]["steps"] == 2
     assert metrics["win_rate"]["n"] == metrics["settings"]["held_out_prompts"]  # one seed group per prompt
-    assert set(metrics["stage_seconds"]) == {"load base model", "collect feedback", "train (Diffusion-KTO)", "evaluate"}
+    assert set(metrics["stage_seconds"]) == {"load base model", "collect feedback", "train (Diffusion-KTO)", "guard",
+                                            "evaluate"}
     for name in ("report.md", "report.html", "grid_base_vs_aligned__same_prompts_and_seeds.png"):
         assert (out / name).is_file()
     card = (out / "model" / "README.md").read_text()  # the trained model's card, with the demo's results
@@ -45,9 +46,9 @@ def test_demo_with_lora_evaluates_the_adapters(tmp_path, monkeypatch):
         return results
 
     monkeypatch.setattr(demo, "evaluate", spy)
-    metrics = run_demo(DemoSettings(out=tmp_path / "demo", budget=16, groups_per_prompt=1,
+    metrics = run_demo(DemoSettings(out=tmp_path / "demo", budget=16, groups_per_prompt=1, guard_checks=0,
                                     overrides=("lora.rank=2", "train.max_steps=1", "train.batch_size=4",
-                                               "optim.lr=1e-2")))
+                                               "optim.lr=1e-2")))  # no rollback: the wrecked adapters are evaluated
     assert (tmp_path / "demo" / "model" / "pytorch_lora_weights.safetensors").is_file()
     assert 0.0 <= metrics["win_rate"]["rate"] <= 1.0 and metrics["aligned"]["diversity"] > 0
     base, aligned = evaluated["base"], evaluated["aligned"]
@@ -81,10 +82,11 @@ def test_demo_on_the_flow_toy_uses_its_own_config_and_exports_the_transformer(tm
 
     if not (flow_weights_dir() / "model_index.json").exists():
         pytest.skip("toy-flow weights not shipped in this checkout")
-    settings = DemoSettings(out=tmp_path / "demo", model="toy-flow", budget=8, groups_per_prompt=1,
+    settings = DemoSettings(out=tmp_path / "demo", model="toy-flow", budget=8, groups_per_prompt=1, guard_checks=1,
                             overrides=("train.max_steps=1", "train.batch_size=4"))
     assert settings.config.name == "toy-flow-kto.yaml" and settings.sampling == demo.FLOW_SAMPLING
     metrics = run_demo(settings)
     assert (tmp_path / "demo" / "model" / "transformer" / "config.json").is_file()
     assert metrics["settings"]["config"].endswith("toy-flow-kto.yaml") and metrics["train"]["steps"] == 1
     assert (tmp_path / "demo" / "report.html").is_file()
+    assert metrics["guard_rollback"]["checked"][0]["step"] == 1  # the guards check the flow family's checkpoints too

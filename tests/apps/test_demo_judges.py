@@ -22,8 +22,8 @@ def _demo(tmp_path, judge: str):
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "diffusion_kto.cli", "demo", "--out", str(out), "--judge", judge,
-                           "--budget", "8", "--groups", "1", "train.max_steps=1"], capture_output=True, text=True,
-                          env=env, timeout=600)
+                           "--budget", "8", "--groups", "1", "--guard-checks", "0", "train.max_steps=1"],
+                          capture_output=True, text=True, env=env, timeout=600)
     return proc, out
 
 

@@ -96,4 +96,4 @@ def test_guard_verdict_hand_values():
     assert guard_verdict(base, {"fidelity": 0.53, "diversity": 0.12}, diversity_share=0.8)["failed"] == [
         "fidelity", "diversity"]  # 88% < 90%, 75% < 80%
     collapsed = guard_verdict(base, {"fidelity": 0.7, "diversity": 0.08})  # DPO-like: 50% of the base's diversity
-    assert collapsed["failed"] == ["diversity"] and collapsed["shares"] == {"fidelity": 0.9, "diversity": 0.6}
+    assert collapsed["failed"] == ["diversity"] and collapsed["shares"] == {"fidelity": 0.9, "diversity": 0.75}

@@ -37,7 +37,9 @@ def test_a_red_drawing_model_wins_under_the_reddest_judge_and_fails_the_fidelity
 def test_probes_score_in_the_unit_interval():
     probes = _probes()
     images = [world.render("a red circle", rng=0), world.render("a blue square on black", rng=1)]
-    for fn in (probes.reddest, probes.brightest, probes.most_saturated):
+    for fn in (probes.reddest, probes.greenest, probes.brightest, probes.most_saturated):
         scores = fn(images, None)
         assert scores.shape == (2,) and np.all((0 <= scores) & (scores <= 1))
     assert probes.reddest(images)[0] > 0.9 and probes.reddest(images)[1] == 0.0
+    green = [world.render("a green triangle", rng=2)]
+    assert probes.greenest(green)[0] > 0.9 and probes.greenest(images).max() == 0.0

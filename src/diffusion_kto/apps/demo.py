@@ -26,7 +26,8 @@ from ..provenance import commit, machine
 from ..sampling import generate, load_pipeline
 from ..train import DiffusionKTOTrainer
 from ..train.model_card import add_eval_results
-from .reward_guards import DEFAULT_DIVERSITY_SHARE, DEFAULT_SHARE, guard_verdict
+from .guard_rollback import GuardPlan, checkpoint_overrides, rollback
+from .reward_guards import DEFAULT_DIVERSITY_SHARE, DEFAULT_SHARE, diversity, guard_verdict
 from ..toy import judges, world
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -59,6 +60,7 @@ class DemoSettings:
     overrides: Sequence[str] = ()
     guard: float = DEFAULT_SHARE  # the aligned model must keep this share of the base's prompt fidelity ...
     diversity_guard: float = DEFAULT_DIVERSITY_SHARE  # ... and this share of its diversity (apps/reward_guards.py)
+    guard_checks: int = GuardPlan.checks  # checkpoints checked, newest first, the newest passing kept; 0: no rollback
     timings: dict[str, float] = field(default_factory=dict)
     sampling: dict | None = None  # None: the model's own (MODELS)
 
@@ -126,15 +128,6 @@ def eval_images(pipe, settings: DemoSettings, condition: Callable[[str], str] | 
     return images, prompts, np.asarray(seeds)
 
 
-def diversity(images: Sequence, n: int) -> float:
-    """Mean pairwise RMS pixel distance between images of the same prompt and seed group (higher = more diverse)."""
-    x = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])  # (M, H, W, 3)
-    x = x.reshape(-1, n, *x.shape[1:]).reshape(-1, n, int(np.prod(x.shape[1:])))  # (groups, n, D)
-    d = np.sqrt(((x[:, :, None, :] - x[:, None, :, :]) ** 2).mean(-1))  # (groups, n, n)
-    iu = np.triu_indices(n, k=1)
-    return float(d[:, iu[0], iu[1]].mean())
-
-
 def run_demo(settings: DemoSettings) -> dict:
     """The whole loop; returns the metrics written to ``metrics.json``."""
     out = Path(settings.out)
@@ -150,16 +143,21 @@ def run_demo(settings: DemoSettings) -> dict:
         feedback = collect_feedback(base, judge, settings, out / "feedback")
     print(f"[demo] feedback: {feedback['liked']} liked of {feedback['images']} ({feedback['liked_share']:.0%})")
     with stage(settings, "train (Diffusion-KTO)"):
-        cfg = load_config(settings.config, [f"data.path={out / 'feedback' / 'feedback.jsonl'}",
-                                            f"train.output_dir={out / 'model'}", f"train.seed={settings.seed}",
-                                            f"model.pretrained={settings.model}",
-                                            *settings.overrides])
-        trained = DiffusionKTOTrainer(cfg).train()
+        trainer = DiffusionKTOTrainer(training_config(settings, out))
+        initial = {k: v.clone() for k, v in trainer.family.trainable_state().items()}  # step 0, for a rollback
+        trained = trainer.train()
+    guarded = None
+    if settings.guard_checks > 0:
+        with stage(settings, "guard"):
+            plan = GuardPlan(checks=settings.guard_checks, share=settings.guard,
+                             diversity_share=settings.diversity_guard)
+            guarded = rollback(trainer, base, initial, plan, settings.seed, settings.sampling, trained.steps)
+        print(f"[demo] {guarded['line']}", flush=True)
     with stage(settings, "evaluate"):
         aligned = trained_pipeline(settings.model, trained, device="cpu")
         results = evaluate(base, aligned, judge, settings)
     with stage(settings, "report"):
-        metrics = write_demo_report(out, settings, feedback, trained, results, time.perf_counter() - total)
+        metrics = write_demo_report(out, settings, feedback, trained, results, time.perf_counter() - total, guarded)
     wr = metrics["win_rate"]
     print(f"[demo] aligned beats base in {wr['rate']:.1%} ± {wr['ci']:.1%} of {wr['n']} comparisons "
           f"(median of {settings.images_per_prompt}); report: {out / 'report.html'}")
@@ -169,6 +167,15 @@ def run_demo(settings: DemoSettings) -> dict:
         print(f"[demo] GUARD FAILED ({', '.join(metrics['guard']['failed'])}): the judge's win rate came at the cost of "
               "what it does not score (reward hacking?); do not use this aligned model", flush=True)
     return metrics
+
+
+def training_config(settings: DemoSettings, out: Path):
+    """The demo's training config: the model's, on the collected feedback, checkpointed for the guards' rollback."""
+    overrides = [f"data.path={out / 'feedback' / 'feedback.jsonl'}", f"train.output_dir={out / 'model'}",
+                 f"train.seed={settings.seed}", f"model.pretrained={settings.model}"]
+    steps = load_config(settings.config, [*overrides, *settings.overrides]).train.max_steps
+    return load_config(settings.config, [*overrides, *checkpoint_overrides(steps, settings.guard_checks),
+                                         *settings.overrides])
 
 
 def trained_pipeline(model: str, trained, device: str | None = None):
@@ -198,8 +205,9 @@ def evaluate(base, aligned, judge, settings: DemoSettings) -> dict:
     return {name: judge_model(pipe, judge, settings) for name, pipe in (("base", base), ("aligned", aligned))}
 
 
-def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained, results: dict, seconds: float) -> dict:
-    """metrics.json, report.md, report.html and the base-vs-aligned grid."""
+def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained, results: dict, seconds: float,
+                      guarded: dict | None = None) -> dict:
+    """metrics.json, report.md, report.html and the base-vs-aligned grid; ``guarded``: the guards' rollback."""
     n = settings.images_per_prompt
     wr = winrate.win_rate(results["aligned"]["scores"], results["base"]["scores"])
     comparison = winrate.Comparison("aligned", "base", settings.judge, wr)
@@ -213,6 +221,7 @@ def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained
     metrics = {
         "win_rate": {"rate": wr.rate, "ci": wr.ci, "n": wr.n, "wins": wr.wins, "ties": wr.ties},
         "guard": verdict,
+        "guard_rollback": guarded,  # None: --guard-checks 0
         "base": {k: results["base"][k] for k in ("fidelity", "liked_share", "diversity")},
         "aligned": {k: results["aligned"][k] for k in ("fidelity", "liked_share", "diversity")},
         "mean_score": {m: {"mean": ms[settings.judge].mean, "ci": ms[settings.judge].ci} for m, ms in means.items()},
@@ -226,7 +235,7 @@ def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained
                      "images_per_prompt": n, "groups_per_prompt": settings.groups_per_prompt,
                      "held_out_prompts": len(world.eval_prompts()), "sampling": settings.sampling,
                      "config": str(settings.config), "overrides": list(settings.overrides),
-                     "guards": [settings.guard, settings.diversity_guard]},
+                     "guards": [settings.guard, settings.diversity_guard], "guard_checks": settings.guard_checks},
         "run": {"command": " ".join(["dkto", *sys.argv[1:]]) if sys.argv else "dkto demo",
                 "commit": commit(), "machine": machine()},
     }
@@ -241,7 +250,8 @@ def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained
         notes=[f"{wr.n} comparisons = {len(world.eval_prompts())} held-out prompts x {settings.groups_per_prompt} "
                f"seed groups; in each, the median-scored of {n} images per model is compared; ties count half.",
                ("Guards passed: " if verdict["passed"] else "GUARD FAILED, do not use the aligned model: ")
-               + "; ".join(verdict["lines"])],
+               + "; ".join(verdict["lines"]),
+               f"Training: {guarded['line']}." if guarded else "Training: no guard rollback (--guard-checks 0)."],
     )
     return metrics
 
@@ -256,7 +266,8 @@ def record_in_card(run: Path, metrics: dict, means: dict, grid, settings: DemoSe
             f"groups, median of {settings.images_per_prompt} images per comparison.\n\n"
             f"- win rate over the base: **{wr['rate']:.1%} ± {wr['ci']:.1%}** ({wr['n']} comparisons, ties half)\n"
             f"- prompt fidelity: {metrics['base']['fidelity']:.3f} (base) -> {metrics['aligned']['fidelity']:.3f}\n"
-            f"- diversity: {metrics['base']['diversity']:.4f} (base) -> {metrics['aligned']['diversity']:.4f}\n\n"
+            f"- diversity: {metrics['base']['diversity']:.4f} (base) -> {metrics['aligned']['diversity']:.4f}\n"
+            f"- training: {(metrics['guard_rollback'] or {}).get('line', 'no guard rollback (--guard-checks 0)')}\n\n"
             f"{winrate.means_table(means).to_markdown()}\n\n![base vs aligned](demo-grid.png)\n\n"
             "Base (top) and aligned (bottom), the same held-out prompts and seeds.")
     return add_eval_results(run, "dkto demo", text)

@@ -5,18 +5,31 @@ win rate under that judge rises while the model stops following prompts. So ever
 on two things the judge does not reward: prompt fidelity (on the shapes world the ``fidelity`` judge: prompted
 colour x shape x background; on real models a CLIP score) and diversity (mean pairwise distance between images of one
 prompt). A model whose fidelity falls below ``share`` x the base's, or whose diversity falls below ``diversity_share`` x
-the base's, fails its guard: the loop rolls that round back, the demo says that its aligned model is not to be used.
+the base's, fails its guard: the loop rolls that round back, the demo rolls its run back to the newest checkpoint
+that passes (:mod:`.guard_rollback`).
 
-Why diversity has its own, lower share: on the shapes world the base draws flawed images (grain, off-centre shapes,
-stray clutter) that the feedback trains away, and those flaws are part of its pixel diversity. Every useful aligned
-model loses some: the tuned demo keeps 72% of the base's, KTO in `dkto bench align` 79%, and in the demo sweep only a
-20-step run kept more than 80% (benchmarks/results/demo-sweep.md). A 90% diversity guard would refuse them all; 60%
-still catches the collapse of Diffusion-DPO on the same labels (55% in bench align, 48% in a quick bench)."""
+The shares: 90% of the base's fidelity and 75% of its diversity (issue 23's floor). Diversity's is lower because on
+the shapes world the base draws flawed images (grain, off-centre shapes, stray clutter) that the feedback trains away,
+and those flaws are part of its pixel diversity: every useful aligned model loses some (KTO in `dkto bench align`
+kept 79%, Diffusion-DPO on the same labels 55%)."""
 from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
 
 GUARDED = ("fidelity", "diversity")
 DEFAULT_SHARE = 0.9  # of the base's prompt fidelity
-DEFAULT_DIVERSITY_SHARE = 0.6  # of the base's diversity (see above)
+DEFAULT_DIVERSITY_SHARE = 0.75  # of the base's diversity (see above)
+
+
+def diversity(images: Sequence, n: int) -> float:
+    """Mean pairwise RMS pixel distance between images of the same prompt and seed group (higher = more diverse)."""
+    x = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])  # (M, H, W, 3)
+    x = x.reshape(-1, n, *x.shape[1:]).reshape(-1, n, int(np.prod(x.shape[1:])))  # (groups, n, D)
+    d = np.sqrt(((x[:, :, None, :] - x[:, None, :, :]) ** 2).mean(-1))  # (groups, n, n)
+    iu = np.triu_indices(n, k=1)
+    return float(d[:, iu[0], iu[1]].mean())
 
 
 def guard_verdict(base: dict, model: dict, share: float = DEFAULT_SHARE,

@@ -1,0 +1,99 @@
+"""Guards that act: a run that traded prompt fidelity or diversity for its judge's approval is rolled back.
+
+The run is checkpointed every 1/``checks`` of its steps. After training, its checkpoints are checked newest first on
+a guard set of images; the newest that keeps ``share`` of the base's prompt fidelity and ``diversity_share`` of its
+diversity (:mod:`.reward_guards`) is kept: its weights are loaded and exported in place of the final ones (the final
+weights stay in their checkpoint). When none does, the run rolls back to its start, the base. Fidelity and diversity
+do not depend on the judge, so the guard works for judges the project has never seen.
+
+The guard set is 9 of the training prompts (every fifth) x ``groups`` seed groups x ``images`` images, with seeds
+of its own: the held-out prompts of the evaluation never steer the choice."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..sampling import generate
+from ..toy import judges, world
+from ..train.checkpoint import PREFIX, list_checkpoints, load_checkpoint
+from .reward_guards import DEFAULT_DIVERSITY_SHARE, DEFAULT_SHARE, diversity, guard_verdict
+
+GUARD_SEED = 30_000_000  # the guard images' seeds: disjoint from feedback (seed x 1e6 + i) and evaluation (1e7 + ...)
+
+
+@dataclass(frozen=True)
+class GuardPlan:
+    """How a run is guarded: checkpoints checked, guard images, and the shares of the base's to keep."""
+
+    checks: int = 8  # checkpoints a run is checked at (every max_steps / checks steps); 0: no rollback
+    groups: int = 2  # seed groups per guard prompt
+    images: int = 5  # images per seed group (diversity is measured within a group)
+    share: float = DEFAULT_SHARE
+    diversity_share: float = DEFAULT_DIVERSITY_SHARE
+
+
+def checkpoint_overrides(max_steps: int, checks: int) -> list[str]:
+    """Config overrides that checkpoint a run ``checks`` times and keep every one (plus the final step's)."""
+    if checks <= 0:
+        return []
+    return [f"train.checkpoint_every={max(1, max_steps // checks)}", f"train.keep_checkpoints={checks + 1}"]
+
+
+def guard_set(seed: int, plan: GuardPlan) -> tuple[list[str], list[int]]:
+    """The guard images' prompts and seeds, (9 x groups x images,) each, grouped by prompt then seed group."""
+    prompts, seeds = [], []
+    for p_idx, prompt in enumerate(world.train_prompts()[::5]):
+        for k in range(plan.groups * plan.images):
+            prompts.append(prompt)
+            seeds.append(GUARD_SEED + seed * 100_000 + p_idx * plan.groups * plan.images + k)
+    return prompts, seeds
+
+
+def guard_stats(pipe, plan: GuardPlan, seed: int, sampling: dict) -> dict:
+    """Prompt fidelity (the shapes world's fidelity judge) and diversity of one model's guard images."""
+    prompts, seeds = guard_set(seed, plan)
+    images = generate(pipe, prompts, seeds, batch_size=64, **sampling)
+    return {"fidelity": float(np.mean(judges.fidelity(images, prompts))),
+            "diversity": diversity(images, plan.images)}
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a ``checkpoint-<step>`` folder."""
+    return int(path.name[len(PREFIX):])
+
+
+def check_newest_first(trainer, base: dict, plan: GuardPlan, seed: int, sampling: dict) -> tuple[int, list[dict]]:
+    """Load each checkpoint of the run, newest first, until one passes both guards: (its step or 0, the checks)."""
+    family, checked = trainer.family, []
+    for path in reversed(list_checkpoints(Path(trainer.out) / "checkpoints")):
+        family.load_trainable_state(load_checkpoint(path)["weights"])
+        with family.pipeline() as pipe:
+            verdict = guard_verdict(base, guard_stats(pipe, plan, seed, sampling), plan.share, plan.diversity_share)
+        checked.append({"step": checkpoint_step(path), "passed": verdict["passed"], "ratios": verdict["ratios"],
+                        "lines": verdict["lines"]})
+        if verdict["passed"]:
+            return checked[-1]["step"], checked
+    return 0, checked
+
+
+def rollback(trainer, base_pipe, initial: dict, plan: GuardPlan, seed: int, sampling: dict, final_step: int) -> dict:
+    """Keep the newest checkpoint that passes the guards (or the start, ``initial``), export it in place of the final
+    weights when it is not the final step, and say what was done."""
+    base = guard_stats(base_pipe, plan, seed, sampling)
+    chosen, checked = check_newest_first(trainer, base, plan, seed, sampling)
+    if chosen == 0:
+        trainer.family.load_trainable_state(initial)
+    if chosen != final_step:
+        trainer.family.export(str(trainer.out))
+    if chosen == final_step:
+        line = f"guards passed at the final step {final_step}: the trained model is kept"
+    elif chosen:
+        line = (f"stopped by the guards: rolled back from step {final_step} to step {chosen}, the newest checkpoint "
+                "that keeps the base's prompt fidelity and diversity")
+    else:
+        line = (f"stopped by the guards: no checkpoint keeps the base's prompt fidelity and diversity; rolled back to "
+                "step 0, the base model")
+    return {"chosen_step": chosen, "final_step": final_step, "rolled_back": chosen != final_step, "base": base,
+            "checked": checked, "shares": [plan.share, plan.diversity_share], "line": line}

@@ -1,0 +1,60 @@
+"""Guards that act (apps/guard_rollback.py): a demo run that destroys prompt fidelity is rolled back to the newest
+checkpoint that keeps it, or to the base, says so in its metrics, report and card, and keeps its final weights."""
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from diffusion_kto.apps.demo import DemoSettings, run_demo
+from diffusion_kto.apps.guard_rollback import GUARD_SEED, GuardPlan, checkpoint_overrides, guard_set
+from diffusion_kto.models import resolve_pretrained
+from diffusion_kto.toy import world
+
+
+def test_checkpoints_and_guard_images_are_their_own():
+    assert checkpoint_overrides(400, 8) == ["train.checkpoint_every=50", "train.keep_checkpoints=9"]
+    assert checkpoint_overrides(3, 8) == ["train.checkpoint_every=1", "train.keep_checkpoints=9"]
+    assert checkpoint_overrides(400, 0) == []
+    prompts, seeds = guard_set(1, GuardPlan(groups=2, images=5))
+    assert len(prompts) == len(seeds) == 9 * 10 and len(set(seeds)) == 90
+    assert set(prompts) <= set(world.train_prompts()) and not set(prompts) & set(world.eval_prompts())
+    assert min(seeds) >= GUARD_SEED  # disjoint from the feedback (seed x 1e6 + i) and evaluation (1e7 + ...) seeds
+
+
+def _unet(path):
+    return load_file(str(path / "diffusion_pytorch_model.safetensors"))
+
+
+def test_a_run_that_destroys_fidelity_rolls_back_to_the_base_and_says_so(tmp_path, capsys):
+    out = tmp_path / "demo"
+    metrics = run_demo(DemoSettings(out=out, budget=16, groups_per_prompt=1, guard_checks=2, overrides=(
+        "train.max_steps=4", "train.batch_size=4", "optim.lr=1e-2")))  # lr 1e-2 wrecks the toy UNet
+    guarded = metrics["guard_rollback"]
+    assert guarded["rolled_back"] and guarded["chosen_step"] == 0 and guarded["final_step"] == 4
+    assert [c["step"] for c in guarded["checked"]] == [4, 2] and not any(c["passed"] for c in guarded["checked"])
+    assert "rolled back to step 0, the base model" in capsys.readouterr().out
+    base, exported = _unet(Path(resolve_pretrained("toy")) / "unet"), _unet(out / "model" / "unet")
+    assert all(torch.equal(exported[k].float(), base[k].float()) for k in base)  # the export is the base again
+    final = load_file(str(out / "model" / "checkpoints" / "checkpoint-00000004" / "weights.safetensors"))
+    assert any(not torch.equal(final[k], exported[k]) for k in final)  # the final weights are kept, not lost
+    assert metrics["aligned"]["fidelity"] == metrics["base"]["fidelity"]  # the evaluated model is the base
+    assert "rolled back" in (out / "report.md").read_text() and "rolled back" in (out / "model" / "README.md").read_text()
+    assert json.loads((out / "metrics.json").read_text())["guard_rollback"]["chosen_step"] == 0
+
+
+def test_a_run_that_keeps_the_guards_keeps_its_final_weights(tmp_path):
+    out = tmp_path / "demo"
+    metrics = run_demo(DemoSettings(out=out, budget=16, groups_per_prompt=1, guard_checks=2, overrides=(
+        "train.max_steps=2", "train.batch_size=4", "optim.lr=1e-7")))
+    guarded = metrics["guard_rollback"]
+    assert not guarded["rolled_back"] and guarded["chosen_step"] == 2 and len(guarded["checked"]) == 1
+    final = load_file(str(out / "model" / "checkpoints" / "checkpoint-00000002" / "weights.safetensors"))
+    exported = _unet(out / "model" / "unet")
+    assert all(torch.equal(final[k], exported[k]) for k in final)
+
+
+def test_guard_checks_zero_keeps_the_final_model_and_says_so(tmp_path):
+    metrics = run_demo(DemoSettings(out=tmp_path / "demo", budget=16, groups_per_prompt=1, guard_checks=0,
+                                    overrides=("train.max_steps=1", "train.batch_size=4")))
+    assert metrics["guard_rollback"] is None and not (tmp_path / "demo" / "model" / "checkpoints").exists()
