@@ -366,13 +366,15 @@ def validation(model_dir: Path | None) -> dict:
 
 
 def sweep(out: Path, feedback: Path) -> dict:
-    """Each SWEEP config trained once with TUNING_SEED for 80 steps, then validated; the base model beside them."""
+    """Each SWEEP config trained once with TUNING_SEED for 80 steps, then validated; the base model beside them.
+    Every finished config is also written to ``out``/sweep-partial.json at once (a cut-off run keeps its numbers)."""
     result = {"training_seed": TUNING_SEED, "steps": QUICK_STEPS, "base": validation(None)}
     for name, (method, extra, lr) in SWEEP.items():
         cfg = run_config(out, feedback, method, "sweep-" + name.replace(" ", "-"), *extra, seed=TUNING_SEED, lr=lr)
         seconds = DiffusionKTOTrainer(cfg).train().seconds
         result[name] = {**validation(Path(cfg.train.output_dir)), "train_seconds": round(seconds, 1)}
         print(f"[why] sweep {name}: {result[name]}", flush=True)
+        (out / "sweep-partial.json").write_text(json.dumps(result, indent=1))
     return result
 
 
