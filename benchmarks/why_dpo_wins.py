@@ -46,7 +46,8 @@ LR = 4e-5  # the quick bench's only learning rate
 SEED = 0  # the bench's training seed 0 (counts, grads, saturation)
 TUNING_SEED = 1  # the sweep's training seed
 MID = 40  # the mid-training checkpoint (optimizer steps)
-FLAT = 0.05  # a term is saturated when its sigmoid weight is below this (|z| > 2.94 for KTO's sigma'(z))
+# a term is saturated when its sigmoid weight is below this: |z| > 2.89 (KTO's sigma'(z)), m > 2.94 (DPO's sigma(-m))
+FLAT = 0.05
 INDEPENDENT = 10_000_000  # added to the rejected images' draw ids: their own noise and t instead of the pair's
 VAL_IMAGES = 4  # validation images per training prompt in the sweep (seeds 60_000_000 + i)
 
@@ -152,6 +153,7 @@ class Accumulator:
     """Per-sample gradient norms and the running sum of a family of per-sample gradients."""
 
     def __init__(self):
+        """Empty: no norms, no sum."""
         self.norms, self.total = [], None
 
     def add(self, g: torch.Tensor) -> None:
