@@ -10,7 +10,15 @@ proportion to its images: 400 per 1024):
 * ``kto-offline``   one round of 1024 base images (what `dkto demo` does);
 * ``kto-online``    four rounds of 256, each drawn from the model the previous round trained;
 * ``dpo-offline``   Diffusion-DPO on the pairs formed from the same 1024 labels (loss.name=dpo);
-* ``kto-prompt-ref`` the offline arm with loss.reference_point=per_prompt (Q_ref per prompt).
+* ``kto-prompt-ref`` the offline arm with loss.reference_point=per_prompt (Q_ref per prompt);
+* ``kto-online-new`` the loop's defaults since issue 23 item 3: eight rounds of budget/8, each training on every
+  round's labels so far, AdamW's state carried, 4 samples of each prompt, the prompts nearest 0.5 liked first;
+* ``kto-online-replay`` / ``-adam`` / ``-8x`` / ``-uncertain``: ``kto-online`` with one of those changes (the last:
+  the uncertain prompt choice with its 4 samples per prompt); ``kto-online-new-prompt-ref``: ``kto-online-new`` with
+  loss.reference_point=per_prompt.
+
+``kto-online`` and the offline arms keep the first loops' settings (FIRST: --replay last --optimizer fresh
+--prompt-choice fixed --samples-per-prompt 1).
 
 The offline arms share the base images and their labels (copied from ``kto-offline``, which runs first: the loop's
 stage markers make the copies skip generating and labelling), and every arm shares the base's held-out evaluation.
@@ -35,11 +43,22 @@ from diffusion_kto.provenance import commit, machine
 BUDGET = 1024
 
 
-def arms(budget: int = BUDGET) -> dict[str, tuple[int, int, tuple[str, ...]]]:
-    """name -> (rounds, images per round, config overrides): the same label budget for every arm."""
-    return {"kto-offline": (1, budget, ()), "kto-online": (4, budget // 4, ()),
-            "dpo-offline": (1, budget, ("loss.name=dpo",)),
-            "kto-prompt-ref": (1, budget, ("loss.reference_point=per_prompt",))}
+FIRST = {"replay": "last", "optimizer": "fresh", "prompt_choice": "fixed", "samples_per_prompt": 1}
+NEW = {"replay": "all", "optimizer": "keep", "prompt_choice": "uncertain", "samples_per_prompt": 4}
+PROMPT_REF = ("loss.reference_point=per_prompt",)
+
+
+def arms(budget: int = BUDGET) -> dict[str, tuple[int, int, tuple[str, ...], dict]]:
+    """name -> (rounds, images per round, config overrides, loop settings): the same label budget for every arm."""
+    return {"kto-offline": (1, budget, (), FIRST), "kto-online": (4, budget // 4, (), FIRST),
+            "dpo-offline": (1, budget, ("loss.name=dpo",), FIRST),
+            "kto-prompt-ref": (1, budget, PROMPT_REF, FIRST),
+            "kto-online-new": (8, budget // 8, (), NEW),
+            "kto-online-replay": (4, budget // 4, (), {**FIRST, "replay": "all"}),
+            "kto-online-adam": (4, budget // 4, (), {**FIRST, "optimizer": "keep"}),
+            "kto-online-8x": (8, budget // 8, (), FIRST),
+            "kto-online-uncertain": (4, budget // 4, (), {**FIRST, "prompt_choice": "uncertain", "samples_per_prompt": 4}),
+            "kto-online-new-prompt-ref": (8, budget // 8, PROMPT_REF, NEW)}
 
 
 ARMS = arms()
@@ -50,10 +69,10 @@ SHARED = ("base", "round-001/queue", "round-001/prompts.txt", "round-001/feedbac
 def settings_of(out: Path, arm: str, seed: int, noise: float, beta: float, groups: int,
                 budget: int = BUDGET) -> LoopSettings:
     """The loop settings of one arm at one (seed, label noise, beta)."""
-    rounds, per_round, overrides = arms(budget)[arm]
+    rounds, per_round, overrides, loop = arms(budget)[arm]
     return LoopSettings(out=out / key(arm, seed, noise, beta), judge="preference", rounds=rounds, per_round=per_round,
                         seed=seed, label_noise=noise, guard=0.0, diversity_guard=0.0, groups_per_prompt=groups,
-                        overrides=(f"loss.beta={beta:g}", *overrides))
+                        overrides=(f"loss.beta={beta:g}", *overrides), **loop)
 
 
 def key(arm: str, seed: int, noise: float, beta: float) -> str:
