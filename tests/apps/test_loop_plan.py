@@ -109,3 +109,17 @@ def test_bad_loop_flags_give_one_line_naming_the_flag(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and flag in lines[0], proc.stderr
         assert not (tmp_path / "loop").exists()
+
+
+def test_a_loop_folder_from_before_the_flags_resumes_only_with_the_first_loops_settings(tmp_path):
+    from diffusion_kto.apps.loop import FIRST_LOOPS, LoopSettings
+
+    out = tmp_path / "loop"
+    out.mkdir()
+    old = {k: v for k, v in LoopSettings(judge="preference", per_round=8).record().items() if k not in FIRST_LOOPS}
+    (out / "loop.json").write_text(json.dumps(old))
+    proc = dkto("loop", "--judge", "preference", "--per-round", "8", "--rounds", "0", "--out", str(out))
+    assert proc.returncode == 2 and "--rounds must be" in proc.stderr  # checked before the folder
+    proc = dkto("loop", "--judge", "preference", "--per-round", "8", "--out", str(out))
+    assert proc.returncode == 2
+    assert "optimizer, prompt_choice, replay, samples_per_prompt differ" in proc.stderr
