@@ -10,7 +10,15 @@ proportion to its images: 400 per 1024):
 * ``kto-offline``   one round of 1024 base images (what `dkto demo` does);
 * ``kto-online``    four rounds of 256, each drawn from the model the previous round trained;
 * ``dpo-offline``   Diffusion-DPO on the pairs formed from the same 1024 labels (loss.name=dpo);
-* ``kto-prompt-ref`` the offline arm with loss.reference_point=per_prompt (Q_ref per prompt).
+* ``kto-prompt-ref`` the offline arm with loss.reference_point=per_prompt (Q_ref per prompt);
+* ``kto-online-new`` the loop's defaults since issue 23 item 3: eight rounds of budget/8, each training on every
+  round's labels so far, AdamW's state carried, 4 samples of each prompt, the prompts nearest 0.5 liked first;
+* ``kto-online-replay`` / ``-adam`` / ``-8x`` / ``-uncertain``: ``kto-online`` with one of those changes (the last:
+  the uncertain prompt choice with its 4 samples per prompt); ``kto-online-new-prompt-ref``: ``kto-online-new`` with
+  loss.reference_point=per_prompt.
+
+``kto-online`` and the offline arms keep the first loops' settings (FIRST: --replay last --optimizer fresh
+--prompt-choice fixed --samples-per-prompt 1).
 
 The offline arms share the base images and their labels (copied from ``kto-offline``, which runs first: the loop's
 stage markers make the copies skip generating and labelling), and every arm shares the base's held-out evaluation.
@@ -35,11 +43,22 @@ from diffusion_kto.provenance import commit, machine
 BUDGET = 1024
 
 
-def arms(budget: int = BUDGET) -> dict[str, tuple[int, int, tuple[str, ...]]]:
-    """name -> (rounds, images per round, config overrides): the same label budget for every arm."""
-    return {"kto-offline": (1, budget, ()), "kto-online": (4, budget // 4, ()),
-            "dpo-offline": (1, budget, ("loss.name=dpo",)),
-            "kto-prompt-ref": (1, budget, ("loss.reference_point=per_prompt",))}
+FIRST = {"replay": "last", "optimizer": "fresh", "prompt_choice": "fixed", "samples_per_prompt": 1}
+NEW = {"replay": "all", "optimizer": "keep", "prompt_choice": "uncertain", "samples_per_prompt": 4}
+PROMPT_REF = ("loss.reference_point=per_prompt",)
+
+
+def arms(budget: int = BUDGET) -> dict[str, tuple[int, int, tuple[str, ...], dict]]:
+    """name -> (rounds, images per round, config overrides, loop settings): the same label budget for every arm."""
+    return {"kto-offline": (1, budget, (), FIRST), "kto-online": (4, budget // 4, (), FIRST),
+            "dpo-offline": (1, budget, ("loss.name=dpo",), FIRST),
+            "kto-prompt-ref": (1, budget, PROMPT_REF, FIRST),
+            "kto-online-new": (8, budget // 8, (), NEW),
+            "kto-online-replay": (4, budget // 4, (), {**FIRST, "replay": "all"}),
+            "kto-online-adam": (4, budget // 4, (), {**FIRST, "optimizer": "keep"}),
+            "kto-online-8x": (8, budget // 8, (), FIRST),
+            "kto-online-uncertain": (4, budget // 4, (), {**FIRST, "prompt_choice": "uncertain", "samples_per_prompt": 4}),
+            "kto-online-new-prompt-ref": (8, budget // 8, PROMPT_REF, NEW)}
 
 
 ARMS = arms()
@@ -50,10 +69,10 @@ SHARED = ("base", "round-001/queue", "round-001/prompts.txt", "round-001/feedbac
 def settings_of(out: Path, arm: str, seed: int, noise: float, beta: float, groups: int,
                 budget: int = BUDGET) -> LoopSettings:
     """The loop settings of one arm at one (seed, label noise, beta)."""
-    rounds, per_round, overrides = arms(budget)[arm]
+    rounds, per_round, overrides, loop = arms(budget)[arm]
     return LoopSettings(out=out / key(arm, seed, noise, beta), judge="preference", rounds=rounds, per_round=per_round,
                         seed=seed, label_noise=noise, guard=0.0, diversity_guard=0.0, groups_per_prompt=groups,
-                        overrides=(f"loss.beta={beta:g}", *overrides))
+                        overrides=(f"loss.beta={beta:g}", *overrides), **loop)
 
 
 def key(arm: str, seed: int, noise: float, beta: float) -> str:
@@ -120,38 +139,59 @@ def _mean_ci(values) -> str:
     return f"{v.mean():.1%}" + (f" ± {1.96 * v.std(ddof=1) / np.sqrt(len(v)):.1%}" if len(v) > 1 else "")
 
 
+def pooled(pairs) -> str:
+    """Win rate of A over B pooled over seeds (the seeds' held-out comparisons together), with its 95% CI."""
+    a = np.concatenate([np.asarray(x, float) for x, _ in pairs])
+    b = np.concatenate([np.asarray(y, float) for _, y in pairs])
+    w = winrate.win_rate(a, b)
+    return f"{w.rate:.1%} ± {w.ci:.1%} (n={w.n})"
+
+
+def arm_table(groups: dict) -> tuple[list[str], dict]:
+    """One row per (noise, beta, arm): per-seed and pooled win rate over base, fidelity, diversity, mean score."""
+    lines = ["| noise | beta | arm | seeds | win rate over base, pooled | by seed | mean over seeds | fidelity / base "
+             "| diversity / base | mean score |", "|---|---|---|---|---|---|---|---|---|---|"]
+    frontier: dict[str, list] = {}
+    for (noise, beta, arm), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        last = [r["rounds"][-1] for r in rs]
+        wr = [x["win_rate"] for x in last]
+        fid = [x["fidelity"] / x["fidelity_base"] for x in last]
+        div = [x["diversity"] / x["diversity_base"] for x in last]
+        by_seed = " / ".join(f"s{r['seed']} {x:.1%}" for r, x in zip(rs, wr))
+        lines.append(f"| {noise:g} | {beta:g} | {arm} | {len(rs)} | {pooled([(r['scores'], r['base_scores']) for r in rs])} "
+                     f"| {by_seed} | {_mean_ci(wr)} | {_mean_ci(fid)} | {_mean_ci(div)} "
+                     f"| {np.mean([x['mean_score'] for x in last]):.3f} |")
+        frontier.setdefault(f"{arm} (noise {noise:g})", []).append((float(np.mean(div)), float(np.mean(wr))))
+    return lines, frontier
+
+
+def head_to_head(runs: list[dict]) -> list[str]:
+    """Every online arm against offline KTO and offline DPO: pooled over the seeds both have, and by seed."""
+    by = {(r["noise"], r["beta"], r["seed"], r["arm"]): r for r in runs}
+    lines = ["| noise | beta | online arm | vs | seeds | win rate of the online arm, pooled | by seed |",
+             "|---|---|---|---|---|---|---|"]
+    names = sorted({(r["noise"], r["beta"], r["arm"]) for r in runs if r["arm"].startswith("kto-online")})
+    for noise, beta, arm in names:
+        for other in ("kto-offline", "dpo-offline"):
+            seeds = sorted(s for (n, b, s, a) in by if (n, b, a) == (noise, beta, arm) and (noise, beta, s, other) in by)
+            if not seeds:
+                continue
+            pairs = [(by[(noise, beta, s, arm)]["scores"], by[(noise, beta, s, other)]["scores"]) for s in seeds]
+            each = " / ".join(f"s{s} {winrate.win_rate(np.asarray(x), np.asarray(y)).rate:.1%}"
+                              for s, (x, y) in zip(seeds, pairs))
+            lines.append(f"| {noise:g} | {beta:g} | {arm} | {other} | {len(seeds)} | {pooled(pairs)} | {each} |")
+    return lines
+
+
 def summary(out: Path) -> str:
     """Markdown tables over the finished runs, OUT/online-frontier.png and OUT/online.json."""
     runs = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
     groups: dict[tuple, list] = {}
     for r in runs:
         groups.setdefault((r["noise"], r["beta"], r["arm"]), []).append(r)
-    lines = ["| noise | beta | arm | seeds | win rate over base | fidelity / base | diversity / base | mean score |",
-             "|---|---|---|---|---|---|---|---|"]
-    frontier: dict[str, list] = {}
-    for (noise, beta, arm), rs in sorted(groups.items()):
-        last = [r["rounds"][-1] for r in rs]
-        wr = [x["win_rate"] for x in last]
-        fid = [x["fidelity"] / x["fidelity_base"] for x in last]
-        div = [x["diversity"] / x["diversity_base"] for x in last]
-        lines.append(f"| {noise:g} | {beta:g} | {arm} | {len(rs)} | {_mean_ci(wr)} | {_mean_ci(fid)} | {_mean_ci(div)} "
-                     f"| {np.mean([x['mean_score'] for x in last]):.3f} |")
-        frontier.setdefault(f"{arm} (noise {noise:g})", []).append((float(np.mean(div)), float(np.mean(wr))))
-    lines += ["", "| noise | beta | seed | online KTO vs offline DPO | online KTO vs offline KTO | per-prompt vs offline KTO |",
-              "|---|---|---|---|---|---|"]
-    by = {(r["noise"], r["beta"], r["seed"], r["arm"]): r for r in runs}
-    for (noise, beta, seed, arm), r in sorted(by.items()):
-        if arm != "kto-online":
-            continue
-        cells = []
-        for other, mine in (("dpo-offline", r), ("kto-offline", r), ("kto-offline", by.get((noise, beta, seed, "kto-prompt-ref")))):
-            o = by.get((noise, beta, seed, other))
-            if o is None or mine is None:
-                cells.append("—")
-                continue
-            w = winrate.win_rate(np.asarray(mine["scores"]), np.asarray(o["scores"]))
-            cells.append(f"{w.rate:.1%} ± {w.ci:.1%}")
-        lines.append(f"| {noise:g} | {beta:g} | {seed} | " + " | ".join(cells) + " |")
+    lines, frontier = arm_table(groups)
+    lines += ["", *head_to_head(runs)]
     (out / "online.json").write_text(json.dumps(runs))  # every finished run: rounds, held-out scores, commit
     plot = line_plot({k: sorted(v) for k, v in frontier.items()}, title="win rate over base vs diversity kept",
                      x_label="diversity / base", y_label="win rate", y_range=(0.0, 1.0), x_range=(0.4, 1.0),

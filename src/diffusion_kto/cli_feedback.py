@@ -85,15 +85,25 @@ def add_loop(sub) -> None:
     p = sub.add_parser(
         "loop",
         help="online rounds: generate -> labels (a judge or people) -> train KTO -> evaluate, with guards; resumable",
-        description="Example: dkto loop --model toy --judge preference --rounds 4 --per-round 256 --out runs/loop",
+        description="Example: dkto loop --model toy --judge preference --rounds 8 --per-round 128 --out runs/loop. "
+                    "The first loops' rounds: --replay last --optimizer fresh --prompt-choice fixed "
+                    "--samples-per-prompt 1",
     )
     p.add_argument("--model", default="toy", help="the base model (default: the shipped shapes-world model)")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--judge", help="label with a judge: the same specs as dkto demo --judge")
     who.add_argument("--human", action="store_true", help="label with people: serves the labeling app each round and "
                                                           "waits until every image of the round is labelled")
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--per-round", type=int, default=256, help="images generated and labelled per round")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--per-round", type=int, default=128, help="images generated and labelled per round")
+    p.add_argument("--replay", default="all",
+                   help="all: each round trains on every round's labels so far (default); last: on its own only")
+    p.add_argument("--optimizer", default="keep",
+                   help="keep: carry AdamW's state from round to round with the weights (default); fresh: a new one")
+    p.add_argument("--prompt-choice", default="uncertain",
+                   help="uncertain: prompts whose liked share so far is nearest 0.5 first (default; round 1 in turn); "
+                        "cycle: in turn across rounds; fixed: from the first prompt every round")
+    p.add_argument("--samples-per-prompt", type=int, default=4, help="images of each chosen prompt in a round")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threshold", type=float, default=0.85, help="--judge: liked = score >= threshold")
     p.add_argument("--label-noise", type=float, default=0.0, help="--judge: probability of flipping each label")
@@ -120,6 +130,8 @@ def _run_loop(args) -> int:
 
     settings = LoopSettings(out=Path(args.out), model=args.model, judge=args.judge, human=args.human,
                             rounds=args.rounds, per_round=args.per_round, seed=args.seed, threshold=args.threshold,
+                            replay=args.replay, optimizer=args.optimizer, prompt_choice=args.prompt_choice,
+                            samples_per_prompt=args.samples_per_prompt,
                             label_noise=args.label_noise, guard=args.guard, diversity_guard=args.diversity_guard,
                             groups_per_prompt=args.groups,
                             images_per_prompt=args.images_per_prompt, eval_judge=args.eval_judge,

@@ -12,9 +12,14 @@ Layout of ``--out`` (every stage of a round is marked done atomically, so a kill
     round-001/done/<stage>.json   generate, label, train, evaluate: what each stage produced
     rounds.jsonl              one row per finished round; report.html / report.md / plot PNG
 
-Training: round r starts from the weights of the last round that passed its guards (the base for round 1) and keeps
-the original base as the reference (``π_ref``, adapters off or the frozen copy): every round is regularised towards
-the same model. A round that fails a guard (fidelity or diversity below ``--guard`` x the base's) is rolled back: its
+Training: round r starts from the weights of the last round that passed its guards (the base for round 1), with
+that round's AdamW state (``--optimizer keep``; ``fresh``: a new optimizer), and keeps the original base as the
+reference (``π_ref``, adapters off or the frozen copy): every round is regularised towards the same model. It trains
+on every round's labels so far (``--replay all``, ``round-00r/replay.jsonl``; ``last``: its own), for steps in
+proportion to the labels it adds (so the rounds together take the steps of one offline run on all the labels). Its
+images are ``--samples-per-prompt`` of each prompt, the prompts whose liked share so far is nearest 0.5 first
+(``--prompt-choice uncertain``; ``cycle``: in turn; ``fixed``: the first loops' prompts, from the first each round);
+round-planning lives in :mod:`.loop_plan`. A round that fails a guard (fidelity or diversity below ``--guard`` x the base's) is rolled back: its
 weights are not used, and the next round starts again from the last good ones, on fresh images."""
 from __future__ import annotations
 
@@ -43,11 +48,13 @@ from .generate import GenerateSettings, generate_queue
 from .label.export import export_labels
 from .label.server import make_server, url_of
 from .label.store import LabelStore
+from .loop_plan import FEEDBACK, check_plan, choose_prompts, feedback_rows, round_steps, write_replay
 from .reward_guards import DEFAULT_DIVERSITY_SHARE, DEFAULT_SHARE, guard_verdict
 
 STAGES = ("generate", "label", "train", "evaluate")
-STEPS_PER_IMAGE = 400 / 1024  # the demo config's 400 steps for 1024 images: the same passes over each round's labels
 WEIGHTS = "policy.safetensors"
+OPTIMIZER_STATE = "optimizer.pt"  # AdamW's state after the round, beside its weights (--optimizer keep)
+FIRST_LOOPS = {"replay": "last", "optimizer": "fresh", "prompt_choice": "fixed", "samples_per_prompt": 1}  # before
 
 
 @dataclass
@@ -59,8 +66,12 @@ class LoopSettings:
     judge: str | None = None  # label with this judge (the specs of dkto demo --judge) ...
     human: bool = False  # ... or with people, through the labeling app
     eval_judge: str | None = None  # scores the held-out images; default: the labeling judge, or "preference" (--human)
-    rounds: int = 4
-    per_round: int = 256
+    rounds: int = 8
+    per_round: int = 128
+    replay: str = "all"  # train on every round's labels so far ("last": the round's own)
+    optimizer: str = "keep"  # carry AdamW's state from round to round with the weights ("fresh": a new one)
+    prompt_choice: str = "uncertain"  # prompts nearest 0.5 liked first ("cycle": in turn, "fixed": the first loops')
+    samples_per_prompt: int = 4  # images of each chosen prompt in a round
     seed: int = 0
     threshold: float = 0.85  # --judge: liked = score >= threshold
     label_noise: float = 0.0  # --judge: probability of flipping each label
@@ -120,10 +131,15 @@ def _start(settings: LoopSettings) -> None:
     out, record = Path(settings.out), settings.record()
     if settings.human == bool(settings.judge):
         raise UserError("dkto loop: give either --judge SPEC or --human")
+    try:
+        check_plan(settings.replay, settings.prompt_choice, settings.optimizer, settings.samples_per_prompt,
+                   settings.rounds, settings.per_round)
+    except ValueError as err:
+        raise UserError(f"dkto loop: {err}") from None
     path = out / "loop.json"
     if path.is_file():
         earlier, defaults = json.loads(path.read_text()), LoopSettings().record()
-        changed = sorted(k for k in record if earlier.get(k, defaults[k]) != record[k])  # keys newer than the folder
+        changed = sorted(k for k in record if earlier.get(k, FIRST_LOOPS.get(k, defaults[k])) != record[k])  # keys newer than the folder
         if changed:
             raise FileExistsError(f"{out} holds a loop started with other settings ({', '.join(changed)} differ); "
                                   "choose another --out, or repeat the first command to resume it")
@@ -151,16 +167,18 @@ def _evaluate(settings: LoopSettings, pipe, judge) -> dict:
                                                                           * settings.groups_per_prompt]]}
 
 
-def round_prompts(settings: LoopSettings) -> list[str]:
-    """The round's prompts: the shapes world's training prompts in turn, ``per_round`` of them."""
-    prompts = world.train_prompts()
-    return [prompts[i % len(prompts)] for i in range(settings.per_round)]
+def round_prompts(settings: LoopSettings, r: int = 1) -> list[str]:
+    """The round's ``per_round`` prompts from the shapes world's training prompts (loop_plan.choose_prompts), planned
+    from the labels of the rounds before it."""
+    earlier = feedback_rows(settings.out, range(1, r)) if settings.prompt_choice == "uncertain" else []
+    return choose_prompts(world.train_prompts(), settings.per_round, settings.samples_per_prompt, r,
+                          settings.prompt_choice, earlier)
 
 
 def _generate(settings: LoopSettings, folder: Path, r: int, weights: Path | None) -> dict:
     """Draw the round's images from the current model into a labeling queue."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "prompts.txt").write_text("".join(p + "\n" for p in round_prompts(settings)))
+    (folder / "prompts.txt").write_text("".join(p + "\n" for p in round_prompts(settings, r)))
     unet_or_lora = {} if weights is None else (
         {"lora": str(weights)} if (weights / "pytorch_lora_weights.safetensors").is_file() else {"unet": str(weights)})
     gen = GenerateSettings(model=settings.model, prompts=str(folder / "prompts.txt"), per_prompt=1,
@@ -215,7 +233,7 @@ def wait_for_people(settings: LoopSettings, queue: Path) -> None:
 
 def _label(settings: LoopSettings, folder: Path, r: int) -> dict:
     """Labels for the round's images (judge or people), exported as the round's feedback file."""
-    queue, feedback = folder / "queue", folder / "feedback.jsonl"
+    queue, feedback = folder / "queue", folder / FEEDBACK
     if settings.human:
         wait_for_people(settings, queue)
     else:
@@ -228,10 +246,11 @@ def _label(settings: LoopSettings, folder: Path, r: int) -> dict:
 
 
 def train_overrides(settings: LoopSettings, folder: Path, r: int) -> list[str]:
-    """The round's config overrides: its feedback, its folder, a seed per round, and steps in proportion to its
-    images (the demo config's 400 per 1024), before the user's own."""
-    steps = max(1, round(settings.per_round * STEPS_PER_IMAGE))
-    return [f"data.path={folder / 'feedback.jsonl'}", f"train.output_dir={folder / 'model'}",
+    """The round's config overrides: its training labels (loop_plan.write_replay), its folder, a seed per round, and
+    steps in proportion to the labels it adds (the demo config's 400 per 1024), before the user's own."""
+    steps = round_steps(settings.per_round, r)
+    data = write_replay(settings.out, r, settings.replay)
+    return [f"data.path={data}", f"train.output_dir={folder / 'model'}",
             f"train.seed={settings.seed * 1000 + r}", f"model.pretrained={settings.model}",
             f"train.max_steps={steps}", "train.overwrite=true", *settings.overrides]
 
@@ -242,11 +261,46 @@ def _train(settings: LoopSettings, folder: Path, r: int, weights: Path | None) -
 
     cfg = load_config(settings.config or CONFIG, train_overrides(settings, folder, r))
     trainer = DiffusionKTOTrainer(cfg)
+    carried = None
     if weights is not None:
         trainer.family.load_trainable_state(load_file(weights / WEIGHTS))
+        if settings.optimizer == "keep":
+            carried = load_optimizer_state(trainer.optimizer, weights / OPTIMIZER_STATE)
     result = trainer.train()
     save_file(trainer.family.trainable_state(), str(folder / "model" / WEIGHTS))
-    return {"steps": result.steps, "train_seconds": round(result.seconds, 1), "from": str(weights) if weights else None}
+    save_optimizer_state(trainer.optimizer, folder / "model" / OPTIMIZER_STATE)
+    return {"steps": result.steps, "train_seconds": round(result.seconds, 1), "from": str(weights) if weights else None,
+            "rows": len(trainer.rows), "optimizer_steps_before": carried,
+            "optimizer_steps_after": adam_steps(trainer.optimizer)}
+
+
+def adam_steps(optimizer) -> int:
+    """The step count of AdamW's state (the largest over its parameters; 0 before the first step)."""
+    steps = [int(s["step"]) for s in optimizer.state_dict()["state"].values() if "step" in s]
+    return max(steps, default=0)
+
+
+def save_optimizer_state(optimizer, path: Path) -> None:
+    """The optimizer's state dict, written atomically beside the round's weights."""
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(optimizer.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def load_optimizer_state(optimizer, path: Path) -> int:
+    """Restore AdamW's moments and step counts from an earlier round, keeping this round's hyperparameters (lr and
+    the rest come from its config); the step count carried."""
+    import torch
+
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    fresh = optimizer.state_dict()["param_groups"]
+    if [g["params"] for g in saved["param_groups"]] != [g["params"] for g in fresh]:
+        raise UserError(f"{path}: the optimizer state holds other parameters than this round's model; "
+                        "use --optimizer fresh")
+    optimizer.load_state_dict({"state": saved["state"], "param_groups": fresh})
+    return adam_steps(optimizer)
 
 
 def _score_round(settings: LoopSettings, folder: Path, base: dict, judge) -> dict:
@@ -275,6 +329,7 @@ def run_round(settings: LoopSettings, r: int, weights: Path | None, base: dict, 
            "action": "kept" if verdict["passed"] else "rolled back: the next round starts from "
            + (str(weights) if weights else "the base"),
            "trained_from": trained["from"] or "base", "generated_by": gen["model"],
+           "trained_on": trained.get("rows"), "optimizer_steps": trained.get("optimizer_steps_after"),
            "seconds": {s: json.loads((done / f"{s}.json").read_text())["seconds"] for s in STAGES}}
     print(f"[loop] round {r}: win rate {row['win_rate']:.1%} over base, mean score {row['mean_score']:.3f}, "
           f"{row['action']}", flush=True)
