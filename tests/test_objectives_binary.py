@@ -307,6 +307,18 @@ def test_kto_paired_gradient_of_the_pair_term():
     assert (grads[1] - grads[0])[0] > 0 > (grads[1] - grads[0])[1]
 
 
+
+def test_kto_paired_pairs_only_within_a_draw_when_draws_are_given():
+    """Rows 0 (liked) and 1, 2 (disliked) share prompt A; only row 1 shares row 0's draw (the sampler's pair): with
+    draws the pair term is row 0 x row 1 alone, m = beta (g_0 - g_1) = 2 (0 - 0.5) = -1; row 2 keeps KTO's loss.
+    Without draws (no forward pass behind the errors) row 0 pairs with both, as in the test above."""
+    errors = Errors(policy=_f64(1.0, 0.5, 1.5), reference=_f64(1.0, 1.0, 1.0), draws=torch.tensor([7, 7, 9]))
+    liked, groups = torch.tensor([True, False, False]), torch.tensor([A, A, A])
+    kto = KTO(beta=2.0, reference_point="none").loss(errors, liked, _gather, groups).losses
+    out = KTOPaired(beta=2.0, reference_point="none", pair_weight=1.0).loss(errors, liked, _gather, groups)
+    torch.testing.assert_close(out.losses - kto, _f64(_softplus(1.0), _softplus(1.0), 0.0))
+    assert out.metrics["pairs"] == 1.0 and out.metrics["pair_accuracy"] == 0.0
+
 def test_kto_paired_needs_groups():
     with pytest.raises(ValueError, match="prompt ids"):
         KTOPaired(beta=1.0, reference_point="none").loss(B1, L1, _gather)
@@ -392,8 +404,8 @@ def test_each_objective_trains_every_lora_weight(tiny_sd, tmp_path, name, extra,
     assert result.steps == 3 and trainable and all("lora" in n for n in trainable) and changed == set(trainable)
     rows = logged_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 3 and all(logged <= row.keys() and math.isfinite(row["loss"]) for row in rows)
-    if name == "kto_paired":  # 4 draws over 2 prompts of 2 liked + 2 disliked: some batch holds a pair
-        assert any(row["pairs"] > 0 for row in rows)
+    if name == "kto_paired":  # loss.pair_share 0.5 of every batch is same-prompt pairs on one draw
+        assert all(row["pairs"] >= 1 for row in rows)
 
 
 def test_nft_trains_a_v_prediction_model(tiny_sd_v, tmp_path):
@@ -421,3 +433,16 @@ def test_bco_resume_equals_uninterrupted(tiny_sd, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     la, lb = (logged_metrics(tmp_path / r / "metrics.jsonl") for r in ("a", "b"))
     assert la[2:] == lb[2:] and la[3]["delta"] == lb[3]["delta"]
+
+
+def test_kto_paired_refuses_a_stream_unless_pairs_are_off():
+    from types import SimpleNamespace
+
+    from diffusion_kto.errors import ConfigError
+
+    cfg = lambda share: SimpleNamespace(  # noqa: E731
+        data=SimpleNamespace(streaming=True), train=SimpleNamespace(batch_size=4),
+        loss=SimpleNamespace(pair_share=share, reference_point="matched", reference_fraction=1.0))
+    with pytest.raises(ConfigError, match="loss.pair_share=0"):
+        KTOPaired.check(cfg(0.5))
+    KTOPaired.check(cfg(0.0))

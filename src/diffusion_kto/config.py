@@ -115,6 +115,9 @@ class LossConfig:
     csft_position: str = _choice("prefix", ("prefix", "suffix"))
     # kto_paired: lambda of the same-prompt pair term -log sigma(s beta (g_i - g_j)); 0 leaves the kto losses
     pair_weight: float = _positive(1.0, "kto_paired: weight of the same-prompt pair term", allow_zero=True)
+    # kto_paired: the share of each global batch drawn as same-prompt (liked, disliked) pairs, the two images of a
+    # pair on one noise and t (the diagnosis' lever, benchmarks/results/why-dpo-wins.md); the rest are gamma-draws
+    pair_share: float = _unit(0.5, "kto_paired: share of each batch drawn as same-prompt pairs on shared draws")
     # bco: the reward shift delta, folded over the whole run: the midpoint of the liked and disliked mean rewards
     # (balanced) or the mean of every reward (pooled, TRL's BCOTrainer); they differ when data.desirable_ratio != 0.5
     reward_shift: str = _choice("balanced", REWARD_SHIFTS, "bco: running reward shift delta")

@@ -50,7 +50,7 @@ def denoising_errors(family: DiffusionFamily, x0: Tensor, cond: Conditioning, dr
     if not plan.reference:
         pred = family.predict(x_t, t, cond)
         outputs = Outputs(policy=pred, target=target, weight=weight) if plan.outputs else None
-        return Errors(policy=_error(pred, target, weight), outputs=outputs)
+        return Errors(policy=_error(pred, target, weight), outputs=outputs, draws=draw_ids)
     mismatched: dict[str, Tensor] = {}
     if plan.mismatched:
         b, n = len(x_t), plan.mismatched
@@ -66,4 +66,5 @@ def denoising_errors(family: DiffusionFamily, x0: Tensor, cond: Conditioning, dr
     reference = _error(ref_match, target, weight)
     pred = family.predict(x_t, t, cond)
     outputs = Outputs(policy=pred, target=target, reference=ref_match, weight=weight) if plan.outputs else None
-    return Errors(policy=_error(pred, target, weight), reference=reference, outputs=outputs, **mismatched)
+    return Errors(policy=_error(pred, target, weight), reference=reference, outputs=outputs, draws=draw_ids,
+                  **mismatched)

@@ -266,14 +266,18 @@ class PairTerms(NamedTuple):
 
 def same_prompt_pairs(g: Tensor, desirable: Tensor, groups: Tensor, g_all: Tensor, desirable_all: Tensor,
                       groups_all: Tensor, *, beta: float, pairable: Tensor | None = None,
-                      pairable_all: Tensor | None = None) -> PairTerms:
+                      pairable_all: Tensor | None = None, draws: Tensor | None = None,
+                      draws_all: Tensor | None = None) -> PairTerms:
     """Per-row Bradley-Terry terms over same-prompt pairs: -log sigma(beta (g_w - g_l)) (Diffusion-DPO's form on the
-    implicit rewards of separately noised images, docs/method.md), s_i = +1 liked / -1 disliked.
+    implicit rewards, docs/method.md), s_i = +1 liked / -1 disliked.
 
     Rows: this process's samples, g (B,) with gradient; columns: the whole batch's, g_all (N,) detached (the row's
-    own copy never pairs with it: same label). ``pairable`` / ``pairable_all``: which rows / columns may pair."""
+    own copy never pairs with it: same label). ``pairable`` / ``pairable_all``: which rows / columns may pair;
+    ``draws`` / ``draws_all``: when given, a row pairs only with columns of its own draw (one noise and t)."""
     liked, liked_all = desirable.to(torch.bool), desirable_all.to(torch.bool)
     mask = (groups.reshape(-1, 1) == groups_all.reshape(1, -1)) & (liked.reshape(-1, 1) != liked_all.reshape(1, -1))
+    if draws is not None and draws_all is not None:
+        mask = mask & (draws.reshape(-1, 1) == draws_all.reshape(1, -1))
     if pairable is not None:
         mask = mask & pairable.reshape(-1, 1).to(torch.bool)
     if pairable_all is not None:

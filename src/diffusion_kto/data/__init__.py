@@ -10,19 +10,21 @@ from .feedback import (
     validate,
 )
 from .rows import FeedbackError, FeedbackRow, MissingExtraError, parse_label
-from .sampler import DesirableSampler
+from .sampler import DesirableSampler, PairedDrawSampler, build_sampler
 from .stream import StreamingFeedbackDataset, collate_stream
 
 __all__ = [
     "BadRow",
     "Batch",
     "DesirableSampler",
+    "PairedDrawSampler",
     "FeedbackDataset",
     "FeedbackError",
     "FeedbackRow",
     "FeedbackSummary",
     "MissingExtraError",
     "StreamingFeedbackDataset",
+    "build_sampler",
     "collate",
     "collate_stream",
     "load_image",

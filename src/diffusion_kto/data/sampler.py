@@ -112,6 +112,59 @@ class DesirableSampler(torch.utils.data.Sampler):
             step += 1
 
 
+_PAIR_TAG = 0x6B746F_5302  # the pair draws' own stream
+
+
+class PairedDrawSampler(DesirableSampler):
+    """The γ-sampler with same-prompt pairs on shared draws (kto_paired, docs/method.md): the first 2k positions of
+    each global batch, k = min(⌊G / 2⌋, ⌈pair_share · G / 2⌉), are k (liked, disliked) pairs of one prompt whose
+    two images share one draw id (so one noise, t, crop and flip); the other G − 2k positions are the γ-draws of
+    :class:`DesirableSampler`. A pair: a prompt drawn uniformly among those with both labels, then one liked and one
+    disliked row of it, uniformly. Without such a prompt k = 0 and every draw is the γ-sampler's, bit for bit."""
+
+    def __init__(self, desirable: Sequence[bool], prompts: Sequence[str], desirable_ratio: float, *,
+                 pair_share: float, **kwargs):
+        """Index the rows of every prompt that has a liked and a disliked row."""
+        super().__init__(desirable, desirable_ratio, **kwargs)
+        if not (math.isfinite(pair_share) and 0.0 <= pair_share <= 1.0):
+            raise ValueError(f"pair_share must be in [0, 1], got {pair_share}")
+        if len(prompts) != len(desirable):
+            raise ValueError(f"{len(prompts)} prompts for {len(desirable)} rows")
+        by_prompt: dict[str, tuple[list[int], list[int]]] = {}
+        for i, (prompt, liked) in enumerate(zip(prompts, desirable)):
+            by_prompt.setdefault(prompt, ([], []))[0 if liked else 1].append(i)
+        self.pairable = [(np.asarray(a), np.asarray(b)) for a, b in by_prompt.values() if a and b]
+        g = self.global_batch_size
+        self.pairs_per_step = min(g // 2, math.ceil(pair_share * g / 2)) if self.pairable else 0  # k
+
+    def pair(self, step: int, j: int) -> tuple[int, int]:
+        """The (liked row, disliked row) of pair j of global step ``step``, from (seed, step) only."""
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
+            [self.seed % 2**64, _PAIR_TAG, int(step), int(j)])))
+        liked, disliked = self.pairable[int(rng.integers(len(self.pairable)))]
+        return int(liked[rng.integers(len(liked))]), int(disliked[rng.integers(len(disliked))])
+
+    def draws_for_step(self, step: int) -> list[tuple[int, int]]:
+        """This rank's slice of the global batch: pair positions p < 2k take pair p // 2 with the draw id
+        s·G + 2(p // 2) of its first image; the others are γ-draw s·G + p."""
+        first = step * self.global_batch_size
+        out = []
+        for p in range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size):
+            if p < 2 * self.pairs_per_step:
+                out.append((self.pair(step, p // 2)[p % 2], first + p - p % 2))
+            else:
+                out.append(self.draw(first + p))
+        return out
+
+
+def build_sampler(desirable: Sequence[bool], prompts: Sequence[str] | None, desirable_ratio: float,
+                  pair_share: float, **kwargs) -> DesirableSampler:
+    """The γ-sampler, or :class:`PairedDrawSampler` when an objective asks for a share of pairs (> 0)."""
+    if pair_share > 0 and prompts is not None:
+        return PairedDrawSampler(desirable, prompts, desirable_ratio, pair_share=pair_share, **kwargs)
+    return DesirableSampler(desirable, desirable_ratio, **kwargs)
+
+
 def _check_arguments(n: int, ratio: float, batch_size: int, rank: int, world_size: int, start_step: int) -> None:
     """ValueError for arguments no sampler can use."""
     if n == 0:

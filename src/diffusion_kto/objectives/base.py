@@ -42,6 +42,7 @@ class Errors:
     policy_mismatched: Tensor | None = None  # (n,)
     reference_mismatched: Tensor | None = None  # (n,)
     outputs: Outputs | None = None  # the predictions themselves, when the plan asks for them
+    draws: Tensor | None = None  # (B,) int64 draw ids: samples with the same id were noised with the same noise and t
 
 
 def class_mean(values: Tensor) -> float:
@@ -79,6 +80,8 @@ class Objective:
     needs_reference: ClassVar[bool] = False  # the frozen reference (adapters off, or a copy) must be loaded
     needs_both_classes: ClassVar[bool] = True  # the feedback must hold liked and disliked rows
     paired: ClassVar[bool] = False  # batches are pairs: all preferred images first, then their rejected partners
+    # the share of each global batch drawn as same-prompt (liked, disliked) pairs on one shared draw (data/sampler.py)
+    pair_share: float = 0.0
 
     @classmethod
     def check(cls, cfg: Any) -> None:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import forward
 from ..config import Config, ConfigError, save_config, to_dict
-from ..data import Batch, DesirableSampler, FeedbackDataset, collate
+from ..data import Batch, FeedbackDataset, build_sampler, collate
 from ..data.cache import CacheError, LatentCache, row_prompts
 from ..data.pairs import PairDataset, collate_pairs, feedback_to_pairs
 from ..data.stream import StreamingFeedbackDataset, check_readers, collate_stream
@@ -178,12 +178,13 @@ class DiffusionKTOTrainer:
                 pairs = getattr(self.screened, "pairs", None) or \
                     feedback_to_pairs(self.rows, cfg.data.max_pairs_per_prompt, seed=cfg.train.seed)
                 dataset, collate_fn = PairDataset(pairs, cache=self.cache, **transform), collate_pairs
-                desirable = [True] * len(pairs)  # the sampler draws pairs
+                desirable, prompts = [True] * len(pairs), None  # the sampler draws pairs
             else:
                 dataset, collate_fn = FeedbackDataset(self.rows, cache=self.cache, **transform), collate
-                desirable = [r.desirable for r in self.rows]
-            sampler = DesirableSampler(desirable, ratio, seed=cfg.train.seed, batch_size=cfg.train.batch_size,
-                                       rank=acc.process_index, world_size=acc.num_processes, start_step=start_step)
+                desirable, prompts = [r.desirable for r in self.rows], [r.prompt for r in self.rows]
+            sampler = build_sampler(desirable, prompts, ratio, self.objective.pair_share, seed=cfg.train.seed,
+                                    batch_size=cfg.train.batch_size, rank=acc.process_index,
+                                    world_size=acc.num_processes, start_step=start_step)
         return torch.utils.data.DataLoader(
             dataset, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate_fn,
             num_workers=cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
