@@ -3,11 +3,13 @@ checkpoint that keeps it, or to the base, says so in its metrics, report and car
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from diffusion_kto.apps.demo import DemoSettings, run_demo
-from diffusion_kto.apps.guard_rollback import GUARD_SEED, GuardPlan, checkpoint_overrides, guard_set
+from diffusion_kto.apps.guard_rollback import GUARD_SEED, GuardPlan, checkpoint_overrides, fidelity_bound, guard_set
 from diffusion_kto.models import resolve_pretrained
 from diffusion_kto.toy import world
 
@@ -17,9 +19,18 @@ def test_checkpoints_and_guard_images_are_their_own():
     assert checkpoint_overrides(3, 8) == ["train.checkpoint_every=1", "train.keep_checkpoints=9"]
     assert checkpoint_overrides(400, 0) == []
     prompts, seeds = guard_set(1, GuardPlan(groups=2, images=5))
-    assert len(prompts) == len(seeds) == 9 * 10 and len(set(seeds)) == 90
+    assert len(prompts) == len(seeds) == 15 * 10 and len(set(seeds)) == 150
     assert set(prompts) <= set(world.train_prompts()) and not set(prompts) & set(world.eval_prompts())
     assert min(seeds) >= GUARD_SEED  # disjoint from the feedback (seed x 1e6 + i) and evaluation (1e7 + ...) seeds
+
+
+def test_fidelity_bound_is_paired_and_one_sided():
+    """d = [0.1, -0.1, 0.1, -0.1] + 0.05: mean 0.05, sd 0.11547, se 0.057735; bound = base mean 0.5 + 0.05 - z se."""
+    base = np.array([0.4, 0.6, 0.5, 0.5])
+    scores = base + np.array([0.15, -0.05, 0.15, -0.05])
+    assert fidelity_bound(scores, base, 0.0) == pytest.approx(0.55)
+    assert fidelity_bound(scores, base, 1.64) == pytest.approx(0.55 - 1.64 * 0.1154701 / 2)
+    assert fidelity_bound(base, base, 1.64) == pytest.approx(0.5)  # the base itself passes any share <= 1
 
 
 def _unet(path):

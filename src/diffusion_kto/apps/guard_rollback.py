@@ -6,8 +6,12 @@ diversity (:mod:`.reward_guards`) is kept: its weights are loaded and exported i
 weights stay in their checkpoint). When none does, the run rolls back to its start, the base. Fidelity and diversity
 do not depend on the judge, so the guard works for judges the project has never seen.
 
-The guard set is 9 of the training prompts (every fifth) x ``groups`` seed groups x ``images`` images, with seeds
-of its own: the held-out prompts of the evaluation never steer the choice."""
+The guard set is 15 of the training prompts (every third) x ``groups`` seed groups x ``images`` images, with seeds
+of its own: the held-out prompts of the evaluation never steer the choice. A guard set is one draw of images, so a
+checkpoint passes on fidelity only when the lower confidence bound of its fidelity keeps ``share`` of the base's:
+mean - z se of the per-image differences from the base's images of the same prompts and seeds (paired), z = 1.64
+(one-sided 95%). Without the bound, the reddest judge's run at 61906d1 kept a checkpoint at 102% of the base's
+fidelity on 90 guard images that held 86% on the evaluation's (benchmarks/results/guards.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,6 +36,7 @@ class GuardPlan:
     images: int = 5  # images per seed group (diversity is measured within a group)
     share: float = DEFAULT_SHARE
     diversity_share: float = DEFAULT_DIVERSITY_SHARE
+    z: float = 1.64  # the fidelity guard uses mean - z se (paired with the base's images); 0: the mean alone
 
 
 def checkpoint_overrides(max_steps: int, checks: int) -> list[str]:
@@ -42,21 +47,30 @@ def checkpoint_overrides(max_steps: int, checks: int) -> list[str]:
 
 
 def guard_set(seed: int, plan: GuardPlan) -> tuple[list[str], list[int]]:
-    """The guard images' prompts and seeds, (9 x groups x images,) each, grouped by prompt then seed group."""
+    """The guard images' prompts and seeds, (15 x groups x images,) each, grouped by prompt then seed group."""
     prompts, seeds = [], []
-    for p_idx, prompt in enumerate(world.train_prompts()[::5]):
+    for p_idx, prompt in enumerate(world.train_prompts()[::3]):
         for k in range(plan.groups * plan.images):
             prompts.append(prompt)
             seeds.append(GUARD_SEED + seed * 100_000 + p_idx * plan.groups * plan.images + k)
     return prompts, seeds
 
 
-def guard_stats(pipe, plan: GuardPlan, seed: int, sampling: dict) -> dict:
-    """Prompt fidelity (the shapes world's fidelity judge) and diversity of one model's guard images."""
+def guard_stats(pipe, plan: GuardPlan, seed: int, sampling: dict) -> tuple[dict, np.ndarray]:
+    """Prompt fidelity (the shapes world's fidelity judge) and diversity of one model's guard images, and the
+    per-image fidelity scores (M,)."""
     prompts, seeds = guard_set(seed, plan)
     images = generate(pipe, prompts, seeds, batch_size=64, **sampling)
-    return {"fidelity": float(np.mean(judges.fidelity(images, prompts))),
-            "diversity": diversity(images, plan.images)}
+    scores = np.asarray(judges.fidelity(images, prompts), dtype=float)
+    return {"fidelity": float(scores.mean()), "diversity": diversity(images, plan.images)}, scores
+
+
+def fidelity_bound(scores: np.ndarray, base_scores: np.ndarray, z: float) -> float:
+    """Lower bound of a model's mean fidelity: base mean + mean(d) - z sd(d) / sqrt(M), d = scores - base_scores
+    (per image, same prompts and seeds)."""
+    d = scores - base_scores  # (M,)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    return float(base_scores.mean() + d.mean() - z * se)
 
 
 def checkpoint_step(path: Path) -> int:
@@ -64,15 +78,21 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name[len(PREFIX):])
 
 
-def check_newest_first(trainer, base: dict, plan: GuardPlan, seed: int, sampling: dict) -> tuple[int, list[dict]]:
-    """Load each checkpoint of the run, newest first, until one passes both guards: (its step or 0, the checks)."""
+def check_newest_first(trainer, base: tuple[dict, np.ndarray], plan: GuardPlan, seed: int,
+                       sampling: dict) -> tuple[int, list[dict]]:
+    """Load each checkpoint of the run, newest first, until one passes both guards (fidelity by its lower bound):
+    (its step or 0, the checks)."""
     family, checked = trainer.family, []
+    (base_stats, base_scores) = base
     for path in reversed(list_checkpoints(Path(trainer.out) / "checkpoints")):
         family.load_trainable_state(load_checkpoint(path)["weights"])
         with family.pipeline() as pipe:
-            verdict = guard_verdict(base, guard_stats(pipe, plan, seed, sampling), plan.share, plan.diversity_share)
+            stats, scores = guard_stats(pipe, plan, seed, sampling)
+        bound = {**stats, "fidelity": fidelity_bound(scores, base_scores, plan.z)}
+        verdict = guard_verdict(base_stats, bound, plan.share, plan.diversity_share)
         checked.append({"step": checkpoint_step(path), "passed": verdict["passed"], "ratios": verdict["ratios"],
-                        "lines": verdict["lines"]})
+                        "fidelity_mean": round(stats["fidelity"], 4),
+                        "lines": [line.replace("fidelity:", "fidelity (lower bound):", 1) for line in verdict["lines"]]})
         if verdict["passed"]:
             return checked[-1]["step"], checked
     return 0, checked
@@ -83,6 +103,7 @@ def rollback(trainer, base_pipe, initial: dict, plan: GuardPlan, seed: int, samp
     weights when it is not the final step, and say what was done."""
     base = guard_stats(base_pipe, plan, seed, sampling)
     chosen, checked = check_newest_first(trainer, base, plan, seed, sampling)
+    base = base[0]
     if chosen == 0:
         trainer.family.load_trainable_state(initial)
     if chosen != final_step:
