@@ -394,6 +394,8 @@ def _add_bench(sub) -> None:
     align.add_argument("--quick", action="store_true", help="1 seed (unless --seeds), 1 trial (lr 4e-5), 80 steps, 512 feedback images: the quick look")
     align.add_argument("--seeds", type=int, default=None, help="training seeds per method (default 3; 1 with --quick)")
     align.add_argument("--budget", type=int, default=1024, help="feedback images, shared by every method")
+    align.add_argument("--methods", default=None,
+                       help="comma-separated subset of the methods (kto is always run), e.g. kto,kto_paired,dpo")
     align.set_defaults(func=_run_bench_align)
     utility = bench.add_parser("utility2d", help="the paper's 2-D utility-function experiment (§6, Fig. 6)")
     utility.add_argument("--out", default="runs/utility2d")
@@ -407,7 +409,9 @@ def _add_bench(sub) -> None:
 def _run_bench_align(args) -> int:
     from .apps.bench_align import AlignSettings, run_bench_align
 
-    run_bench_align(AlignSettings(out=Path(args.out), quick=args.quick, seeds=args.seeds, budget=args.budget))
+    methods = {} if args.methods is None else {"methods": tuple(m.strip() for m in args.methods.split(",") if m.strip())}
+    run_bench_align(AlignSettings(out=Path(args.out), quick=args.quick, seeds=args.seeds, budget=args.budget,
+                                  **methods))
     print(f"wrote {Path(args.out) / 'align.md'} and {Path(args.out) / 'report.html'}")
     return 0
 

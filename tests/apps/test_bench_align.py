@@ -72,3 +72,22 @@ def test_the_base_model_is_sampled_with_the_plain_prompt():
 
     assert _prompt_for("base", "a red circle") == "a red circle"
     assert _prompt_for("csft", "a red circle") == "a red circle, good image"
+
+
+def test_a_subset_of_methods_keeps_kto_and_the_table_order_and_refuses_unknown_names():
+    from diffusion_kto.config import ConfigError
+
+    assert AlignSettings(methods=("dpo", "kto_paired")).methods == ("kto", "dpo", "kto_paired")
+    with pytest.raises(ConfigError, match="unknown ktop; choose from kto, sft"):
+        AlignSettings(methods=("ktop",))
+
+
+def test_each_objective_beyond_the_paper_is_compared_with_dpo():
+    import numpy as np
+
+    from diffusion_kto.apps.bench_align import align_comparisons
+
+    rng = np.random.default_rng(0)
+    scores = {m: {"preference": rng.random((6, 5))} for m in ("kto", "base", "dpo", "kto_paired", "nft")}
+    pairs = [(c.a, c.b) for c in align_comparisons(scores)]
+    assert pairs[-2:] == [("kto_paired", "dpo"), ("nft", "dpo")] and ("kto", "kto_paired") in pairs
