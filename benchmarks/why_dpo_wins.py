@@ -353,6 +353,13 @@ SWEEP = {  # name -> (method, extra overrides, lr)
     "kto beta2000 batch64": ("kto", ("train.batch_size=64",), LR),
     "dpo beta500": ("dpo", ("loss.beta=500",), LR), "dpo beta2000": ("dpo", (), LR),
     "dpo beta8000": ("dpo", ("loss.beta=8000",), LR), "dpo beta2000 lr1.6e-4": ("dpo", (), 1.6e-4),
+    # kto_paired with its pairs on shared draws (after the diagnosis): pair share, pair weight, beta, batch
+    "kto_paired share0.5": ("kto_paired", (), LR),
+    "kto_paired share1": ("kto_paired", ("loss.pair_share=1.0",), LR),
+    "kto_paired share1 weight0": ("kto_paired", ("loss.pair_share=1.0", "loss.pair_weight=0"), LR),
+    "kto_paired share1 batch64": ("kto_paired", ("loss.pair_share=1.0", "train.batch_size=64"), LR),
+    "kto_paired share0.5 beta1000": ("kto_paired", ("loss.beta=1000",), LR),
+    "kto_paired share1 beta500": ("kto_paired", ("loss.pair_share=1.0", "loss.beta=500"), LR),
 }
 
 
@@ -367,11 +374,12 @@ def validation(model_dir: Path | None) -> dict:
             "images": int(s.size)}
 
 
-def sweep(out: Path, feedback: Path) -> dict:
+def sweep(out: Path, feedback: Path, names: list[str] | None = None) -> dict:
     """Each SWEEP config trained once with TUNING_SEED for 80 steps, then validated; the base model beside them.
     Every finished config is also written to ``out``/sweep-partial.json at once (a cut-off run keeps its numbers)."""
     result = {"training_seed": TUNING_SEED, "steps": QUICK_STEPS, "base": validation(None)}
-    for name, (method, extra, lr) in SWEEP.items():
+    for name in names or SWEEP:
+        method, extra, lr = SWEEP[name]
         cfg = run_config(out, feedback, method, "sweep-" + name.replace(" ", "-"), *extra, seed=TUNING_SEED, lr=lr)
         seconds = DiffusionKTOTrainer(cfg).train().seconds
         result[name] = {**validation(Path(cfg.train.output_dir)), "train_seconds": round(seconds, 1)}
@@ -386,11 +394,13 @@ def main() -> None:
     ap.add_argument("--parts", default="counts,grads,saturation,sweep")
     ap.add_argument("--out", type=Path, default=Path("runs/why-dpo-wins"))
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/why-dpo-wins.json"))
+    ap.add_argument("--configs", default=None, help="sweep: comma-separated SWEEP names (default: all)")
     args = ap.parse_args()
     parts, start = set(args.parts.split(",")), time.perf_counter()
     torch.manual_seed(SEED)
     run = {"commit": commit(), "machine": machine(), "torch_threads": torch.get_num_threads(),
-           "command": f"python benchmarks/why_dpo_wins.py --parts {args.parts}"}
+           "command": f"python benchmarks/why_dpo_wins.py --parts {args.parts}"
+                      + (f" --configs '{args.configs}'" if args.configs else "")}
     args.out.mkdir(parents=True, exist_ok=True)
     feedback = build_feedback(args.out)
     result = json.loads(args.json.read_text()) if args.json.is_file() else {}
@@ -401,7 +411,7 @@ def main() -> None:
     if parts & {"grads", "saturation"}:
         result.update(train_and_probe(args.out, feedback, parts))
     if "sweep" in parts:
-        result["sweep"] = sweep(args.out, feedback)
+        result["sweep"] = sweep(args.out, feedback, args.configs and args.configs.split(","))
     run["seconds"] = round(time.perf_counter() - start, 1)
     result.setdefault("runs", {})[args.parts] = run
     args.json.parent.mkdir(parents=True, exist_ok=True)
