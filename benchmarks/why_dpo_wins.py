@@ -360,6 +360,11 @@ SWEEP = {  # name -> (method, extra overrides, lr)
     "kto_paired share1 batch64": ("kto_paired", ("loss.pair_share=1.0", "train.batch_size=64"), LR),
     "kto_paired share0.5 beta1000": ("kto_paired", ("loss.beta=1000",), LR),
     "kto_paired share1 beta500": ("kto_paired", ("loss.pair_share=1.0", "loss.beta=500"), LR),
+    # after share1 beta500 led (0.684 at e44037b): lower beta still, and it with more pairs per step
+    "kto_paired share1 beta250": ("kto_paired", ("loss.pair_share=1.0", "loss.beta=250"), LR),
+    "kto_paired share1 beta500 batch64": ("kto_paired", ("loss.pair_share=1.0", "loss.beta=500", "train.batch_size=64"),
+                                          LR),
+    "kto beta500 batch64": ("kto", ("loss.beta=500", "train.batch_size=64"), LR),
 }
 
 
