@@ -370,6 +370,10 @@ SWEEP = {  # name -> (method, extra overrides, lr)
     "kto_paired share1 beta60": ("kto_paired", ("loss.pair_share=1.0", "loss.beta=60"), LR),
     "kto_paired share0.5 beta250": ("kto_paired", ("loss.beta=250",), LR),
     "kto beta250": ("kto", ("loss.beta=250",), LR),
+    # beta 60 led (0.836, above DPO's best 0.731): lower still, and DPO's beta grid filled in so its best is DPO's own
+    "kto_paired share1 beta30": ("kto_paired", ("loss.pair_share=1.0", "loss.beta=30"), LR),
+    "kto_paired share1 beta15": ("kto_paired", ("loss.pair_share=1.0", "loss.beta=15"), LR),
+    "dpo beta1000": ("dpo", ("loss.beta=1000",), LR), "dpo beta4000": ("dpo", ("loss.beta=4000",), LR),
 }
 
 
