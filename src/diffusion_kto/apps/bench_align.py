@@ -48,9 +48,10 @@ METHODS: dict[str, tuple[str, ...]] = {
     "kto-amortized": ("loss.reference_point=mismatched", "loss.reference_every=4", "loss.reference_decay=0.75"),
     # beyond the paper, from binary labels only (docs/method.md): each is also compared with DPO (EXTRA_PAIRS)
     "kto_paired": ("loss.name=kto_paired",),  # matched Q_ref like kto; half of each batch same-prompt pairs
-    # kto_paired as tuned on tuning seed 1 (benchmarks/why_dpo_wins.py sweep, e44037b: best of 7 configs, validation
-    # 0.684 against 0.579 for the defaults): every position a pair, and beta 500 (the pair margin is beta (g_w - g_l))
-    "kto_paired-tuned": ("loss.name=kto_paired", "loss.pair_share=1.0", "loss.beta=500"),
+    # kto_paired as tuned on tuning seed 1 (benchmarks/why_dpo_wins.py sweep, e44037b..9edfcbf, why-dpo-wins.md):
+    # every position a pair, beta 60 (validation 0.836, against 0.579 at the defaults and DPO's best 0.731; beta 30
+    # and 15 gave 0.834 / 0.833, so 60 is the plateau's most regularized end)
+    "kto_paired-tuned": ("loss.name=kto_paired", "loss.pair_share=1.0", "loss.beta=60"),
     "bco": ("loss.name=bco",),
     "nft": ("loss.name=nft",),
 }
