@@ -15,7 +15,9 @@ proportion to its images: 400 per 1024):
   round's labels so far, AdamW's state carried, 4 samples of each prompt, the prompts nearest 0.5 liked first;
 * ``kto-online-replay`` / ``-adam`` / ``-8x`` / ``-uncertain``: ``kto-online`` with one of those changes (the last:
   the uncertain prompt choice with its 4 samples per prompt); ``kto-online-new-prompt-ref``: ``kto-online-new`` with
-  loss.reference_point=per_prompt.
+  loss.reference_point=per_prompt;
+* ``kto_paired-offline`` / ``kto_paired-online-new``: the offline arm and ``kto-online-new`` with loss.name=kto_paired
+  and loss.pair_share=1 (bench align's kto_paired-tuned; give them --betas 60, the beta tuned for it).
 
 ``kto-online`` and the offline arms keep the first loops' settings (FIRST: --replay last --optimizer fresh
 --prompt-choice fixed --samples-per-prompt 1).
@@ -46,6 +48,8 @@ BUDGET = 1024
 FIRST = {"replay": "last", "optimizer": "fresh", "prompt_choice": "fixed", "samples_per_prompt": 1}
 NEW = {"replay": "all", "optimizer": "keep", "prompt_choice": "uncertain", "samples_per_prompt": 4}
 PROMPT_REF = ("loss.reference_point=per_prompt",)
+# kto_paired as bench align's kto_paired-tuned (every position a same-draw pair; run it with --betas 60, its tuned beta)
+PAIRED = ("loss.name=kto_paired", "loss.pair_share=1.0")
 
 
 def arms(budget: int = BUDGET) -> dict[str, tuple[int, int, tuple[str, ...], dict]]:
@@ -58,7 +62,8 @@ def arms(budget: int = BUDGET) -> dict[str, tuple[int, int, tuple[str, ...], dic
             "kto-online-adam": (4, budget // 4, (), {**FIRST, "optimizer": "keep"}),
             "kto-online-8x": (8, budget // 8, (), FIRST),
             "kto-online-uncertain": (4, budget // 4, (), {**FIRST, "prompt_choice": "uncertain", "samples_per_prompt": 4}),
-            "kto-online-new-prompt-ref": (8, budget // 8, PROMPT_REF, NEW)}
+            "kto-online-new-prompt-ref": (8, budget // 8, PROMPT_REF, NEW),
+            "kto_paired-offline": (1, budget, PAIRED, FIRST), "kto_paired-online-new": (8, budget // 8, PAIRED, NEW)}
 
 
 ARMS = arms()
