@@ -55,15 +55,15 @@ def test_training_steps_are_the_benchmarks_own_not_the_demo_configs(quick, steps
 def test_a_restarted_benchmark_reuses_a_finished_run_only_when_its_config_is_the_same(tmp_path):
     from diffusion_kto.apps import bench_step as bench
     from diffusion_kto.config import ConfigError
-    from diffusion_kto.apps.bench_align import _train
+    from diffusion_kto.apps.bench_align import train_method
 
     feedback = bench.write_feedback(tmp_path / "data", 32, n=8)
-    out = _train(AlignSettings(out=tmp_path, steps=1), feedback, "sft", 4e-5, 0)
+    out = train_method(AlignSettings(out=tmp_path, steps=1), feedback, "sft", 4e-5, 0)
     done = (out / "train_done.json").stat().st_mtime_ns
-    assert _train(AlignSettings(out=tmp_path, steps=1), feedback, "sft", 4e-5, 0) == out
+    assert train_method(AlignSettings(out=tmp_path, steps=1), feedback, "sft", 4e-5, 0) == out
     assert (out / "train_done.json").stat().st_mtime_ns == done  # reused, not retrained
     with pytest.raises(ConfigError, match="another config"):
-        _train(AlignSettings(out=tmp_path, steps=2), feedback, "sft", 4e-5, 0)
+        train_method(AlignSettings(out=tmp_path, steps=2), feedback, "sft", 4e-5, 0)
 
 
 def test_the_base_model_is_sampled_with_the_plain_prompt():

@@ -97,12 +97,13 @@ def default_seeds(quick: bool) -> int:
     return 1 if quick else 3
 
 
-def _train(settings: AlignSettings, feedback: Path, method: str, lr: float, seed: int) -> Path:
-    """Train one method with one learning rate and seed; returns its output folder."""
+def train_method(settings: AlignSettings, feedback: Path, method: str, lr: float, seed: int,
+                 extra: tuple[str, ...] = ()) -> Path:
+    """Train one method with one learning rate and seed (``extra`` overrides last); returns its output folder."""
     out = settings.out / "models" / f"{method}-lr{lr:g}-seed{seed}"
     cfg = load_config(CONFIG, [f"data.path={feedback}", f"train.output_dir={out}", f"train.seed={seed}",
                                f"optim.lr={lr}", f"train.max_steps={settings.steps}", "train.overwrite=true",
-                               *COMMON, *METHODS[method]])
+                               *COMMON, *METHODS[method], *extra])
     if (out / "train_done.json").is_file():  # reuse a finished run when the benchmark is restarted ...
         if to_dict(load_config(out / "config.yaml")) != to_dict(cfg):  # ... but only one of this very config
             raise ConfigError(f"{out} was trained with another config than this benchmark's {method} (the code or "
@@ -134,7 +135,7 @@ def _validation_score(method: str, model_dir: Path, seed: int) -> float:
     return float(np.mean(judges.preference(images, prompts)))
 
 
-def _evaluate(method: str, model_dir: Path | None, demo: DemoSettings) -> dict:
+def evaluate_method(method: str, model_dir: Path | None, demo: DemoSettings) -> dict:
     """Scores (n_comparisons, N) under every metric, plus diversity, on held-out prompts and seeds."""
     images, prompts, _ = eval_images(_pipeline(model_dir), demo, lambda p: _prompt_for(method, p))
     n = demo.images_per_prompt
@@ -160,7 +161,8 @@ def run_bench_align(settings: AlignSettings) -> dict:
     t = time.perf_counter()
     chosen_lr, tuning = {}, {}
     for method in settings.methods:  # the same trials for every method
-        trials = {lr: _validation_score(method, _train(settings, feedback, method, lr, 0), 0) for lr in settings.lr_grid}
+        trials = {lr: _validation_score(method, train_method(settings, feedback, method, lr, 0), 0)
+                  for lr in settings.lr_grid}
         tuning[method] = {f"{lr:g}": round(s, 4) for lr, s in trials.items()}
         chosen_lr[method] = max(trials, key=trials.get)
         print(f"[bench align] {method}: validation {tuning[method]} -> lr {chosen_lr[method]:g}", flush=True)
@@ -169,11 +171,11 @@ def run_bench_align(settings: AlignSettings) -> dict:
     t = time.perf_counter()
     # every training seed s is evaluated on its own image seeds (eval_seeds), the base too: each comparison has images
     # of its own for both models, none of the base's is counted once per training seed
-    results = {"base": _merge([_evaluate("base", None, eval_seeds(demo, s)) for s in range(settings.seeds)])}
+    results = {"base": merge_runs([evaluate_method("base", None, eval_seeds(demo, s)) for s in range(settings.seeds)])}
     for method in settings.methods:
-        runs = [_evaluate(method, _train(settings, feedback, method, chosen_lr[method], s), eval_seeds(demo, s))
-                for s in range(settings.seeds)]
-        results[method] = _merge(runs)
+        runs = [evaluate_method(method, train_method(settings, feedback, method, chosen_lr[method], s),
+                                eval_seeds(demo, s)) for s in range(settings.seeds)]
+        results[method] = merge_runs(runs)
     settings.timings["train+evaluate"] = round(time.perf_counter() - t, 1)
     summary = write_align_report(settings, stats, tuning, chosen_lr, results, time.perf_counter() - start)
     return summary
@@ -191,7 +193,7 @@ def align_comparisons(scores: dict) -> list:
     return winrate.compare(scores, focus="kto") + winrate.compare(scores, pairs=extra)
 
 
-def _merge(runs: list[dict]) -> dict:
+def merge_runs(runs: list[dict]) -> dict:
     """Stack the comparisons of several seeds (rows) and average their diversity."""
     return {"scores": {m: np.concatenate([r["scores"][m] for r in runs]) for m in METRICS},
             "diversity": float(np.mean([r["diversity"] for r in runs])), "images": runs[0]["images"]}
