@@ -172,13 +172,15 @@ def arm_table(groups: dict) -> tuple[list[str], dict]:
 
 
 def head_to_head(runs: list[dict]) -> list[str]:
-    """Every online arm against offline KTO and offline DPO: pooled over the seeds both have, and by seed."""
+    """Every online arm against the offline arm of its objective, offline KTO and offline DPO, at the same noise and
+    beta: pooled over the seeds both have, and by seed."""
     by = {(r["noise"], r["beta"], r["seed"], r["arm"]): r for r in runs}
     lines = ["| noise | beta | online arm | vs | seeds | win rate of the online arm, pooled | by seed |",
              "|---|---|---|---|---|---|---|"]
-    names = sorted({(r["noise"], r["beta"], r["arm"]) for r in runs if r["arm"].startswith("kto-online")})
+    names = sorted({(r["noise"], r["beta"], r["arm"]) for r in runs if "-online" in r["arm"]})
     for noise, beta, arm in names:
-        for other in ("kto-offline", "dpo-offline"):
+        own = arm.split("-online")[0] + "-offline"  # the offline arm of the same objective (kto_paired: its own)
+        for other in dict.fromkeys((own, "kto-offline", "dpo-offline")):
             seeds = sorted(s for (n, b, s, a) in by if (n, b, a) == (noise, beta, arm) and (noise, beta, s, other) in by)
             if not seeds:
                 continue
