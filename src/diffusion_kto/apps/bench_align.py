@@ -52,10 +52,13 @@ METHODS: dict[str, tuple[str, ...]] = {
     # every position a pair, beta 60 (validation 0.836, against 0.579 at the defaults and DPO's best 0.731; beta 30
     # and 15 gave 0.834 / 0.833, so 60 is the plateau's most regularized end)
     "kto_paired-tuned": ("loss.name=kto_paired", "loss.pair_share=1.0", "loss.beta=60"),
+    # the same at higher beta: points between kto_paired-tuned and the reference's pull, for a diversity frontier
+    "kto_paired-beta250": ("loss.name=kto_paired", "loss.pair_share=1.0", "loss.beta=250"),
+    "kto_paired-beta500": ("loss.name=kto_paired", "loss.pair_share=1.0", "loss.beta=500"),
     "bco": ("loss.name=bco",),
     "nft": ("loss.name=nft",),
 }
-BEYOND = ("kto_paired", "kto_paired-tuned", "bco", "nft")
+BEYOND = ("kto_paired", "kto_paired-tuned", "kto_paired-beta250", "kto_paired-beta500", "bco", "nft")
 # comparisons beside KTO against each method: the amortized mismatched reference point against the every-step one
 # (its win rate should sit at 50% within the CI), and each objective beyond the paper against DPO (issue 23's target)
 EXTRA_PAIRS = (("kto-mismatched", "kto-amortized"), *((name, "dpo") for name in BEYOND))
