@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from diffusion_kto.data import FeedbackError, FeedbackRow, FeedbackSummary, read_feedback, validate
+from diffusion_kto.data import FeedbackError, FeedbackRow, FeedbackSummary, read_feedback, screen_feedback, validate
 
 
 def test_summary_counts(tmp_path, images, records, write_jsonl):
@@ -73,6 +73,16 @@ def test_no_disliked_rows(tmp_path, images, records, write_jsonl):
     rows = read_feedback(write_jsonl(tmp_path / "f.parquet_like.jsonl", records))
     with pytest.raises(FeedbackError, match="no disliked rows"):
         validate(rows, need_both_classes=True)
+
+
+def test_one_class_error_names_the_objective(tmp_path, images, records, write_jsonl):
+    """The refusal names the objective the user chose (bench regimes' likes-only rows once said `kto` for bco)."""
+    for record in records:
+        record["label"] = "like"
+    rows = read_feedback(write_jsonl(tmp_path / "feedback.jsonl", records))
+    with pytest.raises(FeedbackError) as info:
+        screen_feedback(rows, need_both_classes=True, objective="bco")
+    assert "the `bco` objective needs both" in str(info.value) and "loss.name=sft" in str(info.value)
 
 
 def test_empty_rows():

@@ -137,8 +137,8 @@ def image_problem(row: FeedbackRow) -> BadRow | None:
     return None
 
 
-def _check_classes(rows: Sequence[FeedbackRow], n_skipped: int) -> None:
-    """Raise unless both liked and disliked rows are left (the `kto` objective needs both)."""
+def _check_classes(rows: Sequence[FeedbackRow], n_skipped: int, objective: str) -> None:
+    """Raise unless both liked and disliked rows are left (``objective`` needs both: KTO and those built on it)."""
     n_desirable = sum(1 for row in rows if row.desirable)
     source = split_where(rows[0].where)[0]
     after = f" after skipping {n_skipped} bad row{'s' if n_skipped > 1 else ''}" if n_skipped else ""
@@ -146,8 +146,8 @@ def _check_classes(rows: Sequence[FeedbackRow], n_skipped: int) -> None:
     for count, missing, present in checks:
         if count == 0:
             raise FeedbackError(
-                f"{source}: no {missing} rows (all {len(rows)} rows are {present}{after}); the `kto` objective needs "
-                f"both liked and disliked rows (or set desirable_ratio to 0 / 1 with an objective that allows it)"
+                f"{source}: no {missing} rows (all {len(rows)} rows are {present}{after}); the `{objective}` objective "
+                f"needs both liked and disliked rows (one class alone trains with loss.name=sft)"
             )
 
 
@@ -177,9 +177,10 @@ def screen_feedback(
     skip: bool = False,
     need_both_classes: bool,
     check_images: bool = True,
+    objective: str = "kto",
 ) -> Screened:
     """The validation pass: every bad row (read_feedback's `bad_rows` and broken images) raises one error naming
-    them all or, with `skip`, is left out and logged with counts per reason; then the class check for `kto`."""
+    them all or, with `skip`, is left out and logged with counts per reason; then the class check for ``objective``."""
     total = len(rows) + len(bad_rows)
     if not total:
         raise FeedbackError("no feedback rows (the dataset is empty)")
@@ -191,7 +192,7 @@ def screen_feedback(
     if bad:
         logger.warning("data.on_bad_row=skip: %s; first:\n%s", skip_summary(count_reasons(bad), total), listing(bad))
     if need_both_classes:
-        _check_classes(kept, len(bad))
+        _check_classes(kept, len(bad), objective)
     _warn_duplicates(kept)
     n_desirable = sum(1 for row in kept if row.desirable)
     summary = FeedbackSummary(len(kept), n_desirable, len(kept) - n_desirable, len(bad), count_reasons(bad))

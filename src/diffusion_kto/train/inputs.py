@@ -45,7 +45,8 @@ def load_feedback(cfg: Config) -> Screened:
         bad_rows=bad_rows,
     )
     return screen_feedback(rows, bad_rows, skip=cfg.data.on_bad_row == "skip",
-                           need_both_classes=objective_class(cfg.loss.name).needs_both_classes)
+                           need_both_classes=objective_class(cfg.loss.name).needs_both_classes,
+                           objective=cfg.loss.name)
 
 
 def write_data_report(cfg: Config, screened: Screened, out: Path, overlong_prompts: int = 0) -> None:
