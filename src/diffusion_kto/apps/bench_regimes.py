@@ -83,7 +83,7 @@ REGIMES: dict[str, Callable[[Rows, np.random.Generator], Rows]] = {
 
 def cannot_run(method: str, rows: Rows) -> str | None:
     """Why ``method`` cannot train on ``rows`` (one line), or None: every method needs a liked image, and DPO a prompt
-    with both a liked and a disliked one (KTO and the objectives beyond it also train on likes only)."""
+    with both a liked and a disliked one (KTO and the objectives built on it refuse likes only when they load it)."""
     if not any(r["label"] for r in rows):
         return f"{method}: cannot run, no liked image"
     if method == "dpo":
