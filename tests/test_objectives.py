@@ -36,6 +36,11 @@ def test_what_each_objective_needs():
                      "dpo": (True, True, True), "kto_paired": (True, False, True), "bco": (True, False, True),
                      "nft": (True, False, True)}
     assert KTO(beta=1).liked_share(0.8) == 0.8 and CSFT().liked_share(0.8) == 0.8
+    # KTO needs both classes only while it draws both (0 < gamma < 1); its pair variant always
+    both = {n: [c.needs_both(g) for g in (0.0, 0.5, 1.0)] for n, c in OBJECTIVES.items()}
+    assert both["kto"] == [False, True, False] and both["sft"] == [False] * 3
+    assert all(both[n] == [True] * 3 for n in ("csft", "dpo", "kto_paired", "bco", "nft"))
+    assert "data.desirable_ratio=1.0" in KTO.one_class_setting and not OBJECTIVES["kto_paired"].one_class_setting
     assert SFT().liked_share(0.8) == 1.0 and DPO(1.0).liked_share(0.8) == 1.0
 
 
@@ -47,6 +52,15 @@ def test_kto_matched_hand_values():
     assert out.metrics["kl"] == 0.0 and out.metrics["accuracy"] == 1.0
     assert out.metrics["reward_liked"] == 0.5 and out.metrics["reward_disliked"] == -1.0
     assert out.metrics["ref_err"] == 1.25
+
+
+def test_kto_on_likes_only_hand_values():
+    """Both samples liked (gamma = 1): g = [0.5, -1.0], Q_ref = max(0, -0.25) = 0, z = beta (g - Q) = [0.5, -1.0];
+    loss = 1 - sigma(z); the disliked reward is NaN (no disliked sample), accuracy the share with z > 0."""
+    out = KTO(beta=1.0, reference_point="matched").loss(ERRORS, torch.tensor([True, True]), _gather)
+    torch.testing.assert_close(out.losses, torch.tensor([1 - _sig(0.5), 1 - _sig(-1.0)], dtype=torch.float64))
+    assert out.metrics["reward_liked"] == -0.25 and math.isnan(out.metrics["reward_disliked"])
+    assert out.metrics["accuracy"] == 0.5
 
 
 def test_kto_mismatched_reference_point_and_its_running_mean():

@@ -65,6 +65,31 @@ def test_sft_needs_no_disliked_rows_and_skips_reference(tiny_sd, tmp_path):
         DiffusionKTOTrainer(load_config(None, tiny_overrides(tiny_sd, data, tmp_path / "run2")))
 
 
+def test_kto_on_likes_only_at_gamma_one_trains_every_adapter_and_says_so_otherwise(tiny_sd, tmp_path):
+    """Likes only: at gamma 0.5 KTO refuses in one line naming data.desirable_ratio=1.0; there it trains (Eq. 8's
+    liked term alone), every LoRA weight changes and the frozen UNet does not."""
+    from tiny import write_feedback
+    import json
+
+    data = write_feedback(tmp_path / "d")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text("\n".join(json.dumps({**r, "label": True}) for r in rows) + "\n")
+    overrides = {"lora.rank": 2, "data.desirable_ratio": 0.5}
+    with pytest.raises(Exception, match=r"no disliked rows.*or with data\.desirable_ratio=1\.0") as info:
+        DiffusionKTOTrainer(load_config(None, tiny_overrides(tiny_sd, data, tmp_path / "run", **overrides)))
+    assert "\n" not in str(info.value)
+    trainer = DiffusionKTOTrainer(load_config(None, tiny_overrides(tiny_sd, data, tmp_path / "run2", **{
+        **overrides, "data.desirable_ratio": 1.0})))
+    unet = trainer.family.trainable_module()
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    assert trainer.train().steps == 3
+    changed = {n for n, p in unet.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed == {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert all("lora" in n for n in changed)
+    metrics = logged_metrics(tmp_path / "run2" / "metrics.jsonl")
+    assert all(m["reward_disliked"] is None for m in metrics)  # logged as null: no disliked row drawn
+
+
 def test_v_prediction_model_trains(tiny_sd_v, feedback, tmp_path):
     cfg = load_config(None, tiny_overrides(tiny_sd_v, feedback, tmp_path / "run", **{"lora.rank": 2, "train.max_steps": 1}))
     trainer = DiffusionKTOTrainer(cfg)

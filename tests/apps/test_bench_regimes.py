@@ -71,13 +71,13 @@ def test_unknown_regimes_and_methods_are_refused_in_one_line():
 def test_the_cli_runs_two_regimes_and_writes_the_table_and_the_plot(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "diffusion_kto.cli", "bench", "regimes", "--quick", "--regimes", "a,e",
-           "--methods", "kto,sft,dpo", "--budget", "64", "--steps", "2", "--out", str(tmp_path / "r")]
+           "--methods", "kto,bco,sft,dpo", "--budget", "64", "--steps", "2", "--out", str(tmp_path / "r")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "e: dpo: cannot run, no prompt has both" in done.stdout
     summary = json.loads((tmp_path / "r" / "regimes.json").read_text())
-    assert {(r["regime"], r["method"]) for r in summary["rows"]} == {("a", "kto"), ("a", "sft"), ("a", "dpo"),
-                                                                       ("e", "sft")}
-    assert "e: kto: cannot run" in done.stdout and "no disliked rows" in done.stdout
+    assert {(r["regime"], r["method"]) for r in summary["rows"]} == {
+        ("a", "kto"), ("a", "bco"), ("a", "sft"), ("a", "dpo"), ("e", "kto"), ("e", "sft")}  # KTO at gamma 1 on likes
+    assert "e: bco: cannot run" in done.stdout and "no disliked rows" in done.stdout
     md = (tmp_path / "r" / "regimes.md").read_text()
     assert "likes only" in md and "dpo: cannot run" in md and (tmp_path / "r" / "frontier.png").stat().st_size > 0

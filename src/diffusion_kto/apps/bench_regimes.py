@@ -14,8 +14,9 @@ Regimes (each a function of the feedback rows and a seeded generator; nothing is
   cannot pair and is reported as such;
 * ``c15`` / ``c30``  15% / 30% of the labels flipped (exactly round(p * n) rows, chosen at random);
 * ``d``   10% liked: every disliked row kept, liked rows drawn until they are 10% of the set;
-* ``e``   likes only: every disliked row dropped. DPO cannot pair, and KTO and the objectives built on it refuse
-  data without disliked rows (``needs_both_classes``); SFT and CSFT run. Every refusal is one line in the report.
+* ``e``   likes only: every disliked row dropped, every method at gamma = 1. DPO cannot pair; KTO trains its liked
+  term alone (``KTO.needs_both``); kto_paired, bco, nft and csft refuse data without disliked rows; SFT runs. Every
+  refusal is one line in the report.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ REGIMES: dict[str, Callable[[Rows, np.random.Generator], Rows]] = {
 
 def cannot_run(method: str, rows: Rows) -> str | None:
     """Why ``method`` cannot train on ``rows`` (one line), or None: every method needs a liked image, and DPO a prompt
-    with both a liked and a disliked one (KTO and the objectives built on it refuse likes only when they load it)."""
+    with both a liked and a disliked one (the objectives that draw both classes refuse likes only when they load it)."""
     if not any(r["label"] for r in rows):
         return f"{method}: cannot run, no liked image"
     if method == "dpo":
@@ -150,7 +151,7 @@ def run_bench_regimes(settings: RegimeSettings) -> dict:
                 runs = [evaluate_method(method, train_method(train, feedback, method, LR, s,
                                                              REGIME_OVERRIDES.get(regime, ())), eval_seeds(demo, s))
                         for s in range(settings.seeds)]
-            except UserError as err:  # the objective refuses this data (e.g. KTO on likes only): say so, go on
+            except UserError as err:  # the objective refuses this data (e.g. bco on likes only): say so, go on
                 skipped[f"{regime}/{method}"] = f"{method}: cannot run, {str(err).splitlines()[0]}"
                 print(f"[bench regimes] {regime}: {skipped[f'{regime}/{method}']}", flush=True)
                 continue

@@ -137,8 +137,9 @@ def image_problem(row: FeedbackRow) -> BadRow | None:
     return None
 
 
-def _check_classes(rows: Sequence[FeedbackRow], n_skipped: int, objective: str) -> None:
-    """Raise unless both liked and disliked rows are left (``objective`` needs both: KTO and those built on it)."""
+def _check_classes(rows: Sequence[FeedbackRow], n_skipped: int, objective: str, one_class_setting: str = "") -> None:
+    """Raise unless both liked and disliked rows are left (``objective`` needs both at its settings); the message
+    names what trains on one class: loss.name=sft, and ``one_class_setting`` where the objective has one."""
     n_desirable = sum(1 for row in rows if row.desirable)
     source = split_where(rows[0].where)[0]
     after = f" after skipping {n_skipped} bad row{'s' if n_skipped > 1 else ''}" if n_skipped else ""
@@ -147,7 +148,8 @@ def _check_classes(rows: Sequence[FeedbackRow], n_skipped: int, objective: str) 
         if count == 0:
             raise FeedbackError(
                 f"{source}: no {missing} rows (all {len(rows)} rows are {present}{after}); the `{objective}` objective "
-                f"needs both liked and disliked rows (one class alone trains with loss.name=sft)"
+                f"needs both liked and disliked rows at these settings (one class alone trains with loss.name=sft"
+                f"{', or with ' + one_class_setting if one_class_setting else ''})"
             )
 
 
@@ -178,6 +180,7 @@ def screen_feedback(
     need_both_classes: bool,
     check_images: bool = True,
     objective: str = "kto",
+    one_class_setting: str = "",
 ) -> Screened:
     """The validation pass: every bad row (read_feedback's `bad_rows` and broken images) raises one error naming
     them all or, with `skip`, is left out and logged with counts per reason; then the class check for ``objective``."""
@@ -192,7 +195,7 @@ def screen_feedback(
     if bad:
         logger.warning("data.on_bad_row=skip: %s; first:\n%s", skip_summary(count_reasons(bad), total), listing(bad))
     if need_both_classes:
-        _check_classes(kept, len(bad), objective)
+        _check_classes(kept, len(bad), objective, one_class_setting)
     _warn_duplicates(kept)
     n_desirable = sum(1 for row in kept if row.desirable)
     summary = FeedbackSummary(len(kept), n_desirable, len(kept) - n_desirable, len(bad), count_reasons(bad))

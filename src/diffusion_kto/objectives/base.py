@@ -83,6 +83,14 @@ class Objective:
     # the share of each global batch drawn as same-prompt (liked, disliked) pairs on one shared draw (data/sampler.py)
     pair_share: float = 0.0
 
+    # what trains this objective on one class, for the refusal of one-class feedback ("" when nothing does)
+    one_class_setting: ClassVar[str] = ""
+
+    @classmethod
+    def needs_both(cls, gamma: float) -> bool:
+        """Whether the feedback must hold liked and disliked rows when liked rows are drawn with probability gamma."""
+        return cls.needs_both_classes
+
     @classmethod
     def check(cls, cfg: Any) -> None:
         """Refuse settings this objective cannot train with (raises ConfigError naming the key); nothing by default."""

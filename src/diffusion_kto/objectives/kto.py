@@ -17,6 +17,13 @@ class KTO(Objective):
 
     name = "kto"
     needs_reference = True
+    one_class_setting = "data.desirable_ratio=1.0 (KTO's liked term alone) or 0.0 (its disliked term alone)"
+
+    @classmethod
+    def needs_both(cls, gamma: float) -> bool:
+        """At gamma = 1 (or 0) only liked (or disliked) rows are drawn: Eq. 8 with every s_i = +1 (or -1) is defined
+        on one class, its Q_ref taken from that class's rows; between, both classes are drawn and must exist."""
+        return 0.0 < gamma < 1.0
 
     def __init__(self, *, beta: float, utility: str = "kt", reference_point: str = "mismatched",
                  reference_fraction: float = 1.0, reference_every: int = 1, reference_decay: float = 0.0,

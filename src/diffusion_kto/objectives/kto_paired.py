@@ -22,6 +22,12 @@ class KTOPaired(KTO):
     -log sigma(s_i beta (g_i - g_j)); rows without a partner keep KTO_i as it is."""
 
     name = "kto_paired"
+    one_class_setting = ""
+
+    @classmethod
+    def needs_both(cls, gamma: float) -> bool:
+        """Its pairs are a liked and a disliked row of one prompt: both classes at any gamma (one class is plain KTO)."""
+        return True
 
     def __init__(self, *, pair_weight: float = 1.0, pair_share: float = 0.5, **kto: Any):
         super().__init__(**kto)

@@ -28,9 +28,9 @@ def load_feedback(cfg: Config) -> Screened:
     a source of preference pairs (data/pairs.py, told by its columns) is read as pairs, for a paired objective."""
     if cfg.data.path is None:
         raise ConfigError("data.path: no feedback data given (a JSONL / CSV / parquet file, an image folder, or a dataset)")
-    kind = pair_format(cfg.data.path, cfg.data.prompt_column)
+    kind, objective = pair_format(cfg.data.path, cfg.data.prompt_column), objective_class(cfg.loss.name)
     if kind is not None:
-        if not objective_class(cfg.loss.name).paired:
+        if not objective.paired:
             raise FeedbackError(
                 f"{cfg.data.path}: holds preference pairs ({kind} columns), but loss.name={cfg.loss.name} trains on "
                 "per-image likes and dislikes: train them with loss.name=dpo, or make per-image feedback first "
@@ -45,8 +45,8 @@ def load_feedback(cfg: Config) -> Screened:
         bad_rows=bad_rows,
     )
     return screen_feedback(rows, bad_rows, skip=cfg.data.on_bad_row == "skip",
-                           need_both_classes=objective_class(cfg.loss.name).needs_both_classes,
-                           objective=cfg.loss.name)
+                           need_both_classes=objective.needs_both(cfg.data.desirable_ratio),
+                           objective=cfg.loss.name, one_class_setting=objective.one_class_setting)
 
 
 def write_data_report(cfg: Config, screened: Screened, out: Path, overlong_prompts: int = 0) -> None:
