@@ -72,6 +72,8 @@ def _add_regimes(bench) -> None:
     regimes.add_argument("--methods", default=None, help="comma-separated subset of kto,kto_paired,bco,nft,sft,dpo")
     regimes.add_argument("--budget", type=int, default=512, help="judged base images before the regimes transform them")
     regimes.add_argument("--steps", type=int, default=80, help="training steps per method")
+    regimes.add_argument("--tune", action="store_true",
+                         help="tune each method per regime (its beta and the lr) on a training seed of its own")
     regimes.set_defaults(func=_run_bench_regimes)
 
 def _run_bench_align(args) -> int:
@@ -90,7 +92,7 @@ def _run_bench_regimes(args) -> int:
     subsets = {key: tuple(x.strip() for x in value.split(",") if x.strip())
                for key, value in (("regimes", args.regimes), ("methods", args.methods)) if value}
     run_bench_regimes(RegimeSettings(out=Path(args.out), quick=args.quick, seeds=args.seeds, budget=args.budget,
-                                     steps=args.steps, **subsets))
+                                     steps=args.steps, tune=args.tune, **subsets))
     print(f"wrote {Path(args.out) / 'regimes.md'} and {Path(args.out) / 'frontier.png'}")
     return 0
 

@@ -81,3 +81,17 @@ def test_the_cli_runs_two_regimes_and_writes_the_table_and_the_plot(tmp_path):
     assert "e: bco: cannot run" in done.stdout and "no disliked rows" in done.stdout
     md = (tmp_path / "r" / "regimes.md").read_text()
     assert "likes only" in md and "dpo: cannot run" in md and (tmp_path / "r" / "frontier.png").stat().st_size > 0
+
+
+def test_tuning_trials_scale_each_methods_own_knob_and_the_lr():
+    """--tune: kto's beta 2000 at 1, 1/8, 1/32 at lr 4e-5 plus lr 2e-5 / 8e-5 at 2000; nft tunes nft_beta, not
+    loss.beta; sft (no knob) the lr grid; without --tune one trial, lr 4e-5 at the config, in the old folder."""
+    from diffusion_kto.apps.bench_regimes import describe, trials
+
+    assert [describe(t) for t in trials("kto", True)] == [
+        "loss.beta=2000 optim.lr=4e-05", "loss.beta=250 optim.lr=4e-05", "loss.beta=62.5 optim.lr=4e-05",
+        "loss.beta=2000 optim.lr=2e-05", "loss.beta=2000 optim.lr=8e-05"]
+    assert {t[1][0] for t in trials("nft", True)} == {"loss.nft_beta=1", "loss.nft_beta=0.5", "loss.nft_beta=0.25"}
+    assert [describe(t) for t in trials("sft", True)] == ["optim.lr=2e-05", "optim.lr=4e-05", "optim.lr=8e-05"]
+    assert trials("kto", False) == [(4e-5, (), "")] and trials("dpo", False) == [(4e-5, (), "")]
+    assert len({t[2] + str(t[0]) for t in trials("bco", True)}) == 5  # every trial trains into a folder of its own

@@ -101,9 +101,10 @@ def default_seeds(quick: bool) -> int:
 
 
 def train_method(settings: AlignSettings, feedback: Path, method: str, lr: float, seed: int,
-                 extra: tuple[str, ...] = ()) -> Path:
-    """Train one method with one learning rate and seed (``extra`` overrides last); returns its output folder."""
-    out = settings.out / "models" / f"{method}-lr{lr:g}-seed{seed}"
+                 extra: tuple[str, ...] = (), tag: str = "") -> Path:
+    """Train one method with one learning rate and seed (``extra`` overrides last, ``tag`` names them in the folder);
+    returns its output folder."""
+    out = settings.out / "models" / f"{method}{tag}-lr{lr:g}-seed{seed}"
     cfg = load_config(CONFIG, [f"data.path={feedback}", f"train.output_dir={out}", f"train.seed={seed}",
                                f"optim.lr={lr}", f"train.max_steps={settings.steps}", "train.overwrite=true",
                                *COMMON, *METHODS[method], *extra])
@@ -130,7 +131,7 @@ def _prompt_for(method: str, prompt: str) -> str:
     return build_objective(load_config(CONFIG, [*COMMON, *METHODS[method]])).sampling_prompt(prompt)
 
 
-def _validation_score(method: str, model_dir: Path, seed: int) -> float:
+def validation_score(method: str, model_dir: Path, seed: int) -> float:
     """Mean preference score on the training prompts with seeds never used for feedback (tuning signal)."""
     prompts = world.train_prompts()
     seeds = [50_000_000 + seed * 1000 + i for i in range(len(prompts))]
@@ -164,7 +165,7 @@ def run_bench_align(settings: AlignSettings) -> dict:
     t = time.perf_counter()
     chosen_lr, tuning = {}, {}
     for method in settings.methods:  # the same trials for every method
-        trials = {lr: _validation_score(method, train_method(settings, feedback, method, lr, 0), 0)
+        trials = {lr: validation_score(method, train_method(settings, feedback, method, lr, 0), 0)
                   for lr in settings.lr_grid}
         tuning[method] = {f"{lr:g}": round(s, 4) for lr, s in trials.items()}
         chosen_lr[method] = max(trials, key=trials.get)

@@ -35,10 +35,13 @@ from ..evaluation import winrate
 from ..images import line_plot
 from ..provenance import commit, machine
 from .bench_align import METHODS as ALIGN_METHODS
-from .bench_align import QUICK_STEPS, AlignSettings, eval_seeds, evaluate_method, merge_runs, train_method
+from .bench_align import (COMMON, QUICK_STEPS, AlignSettings, eval_seeds, evaluate_method, merge_runs, train_method,
+                          validation_score)
+from .bench_align import METHODS as OVERRIDES
+from ..config import load_config
 from ..sampling import load_pipeline
 from ..toy import judges
-from .demo import DemoSettings, collect_feedback
+from .demo import CONFIG, DemoSettings, collect_feedback
 
 Rows = list[dict]
 REGIME_NAMES = {"a": "several images per prompt, both labels", "b": "one rated image per prompt",
@@ -48,6 +51,15 @@ LR = 4e-5
 # likes only: gamma (bench align's 0.8) would ask for disliked rows there are none of, so every method draws likes
 REGIME_OVERRIDES = {"e": ("data.desirable_ratio=1.0",)}
 LIKED_SHARE_D = 0.10
+# --tune: every (regime, method) is trained at each trial on the tuning seed, scored by bench align's validation score
+# (mean preference on the training prompts, image seeds never used for feedback), and its best trial is the one reported
+TUNING_SEED = 100  # a training seed none of the reported runs (0 .. seeds-1) uses
+# the method's regularization knob and its trial values as multiples of the configured one (kto: beta 2000, 250,
+# 62.5: from the paper's scale down to kto_paired-tuned's 60); methods without one are tuned over the lr only
+KNOBS = {"kto": ("loss.beta", (1, 1 / 8, 1 / 32)), "kto_paired": ("loss.beta", (1, 1 / 8, 1 / 32)),
+         "bco": ("loss.beta", (1, 1 / 8, 1 / 32)), "dpo": ("loss.beta", (1, 1 / 8, 1 / 32)),
+         "nft": ("loss.nft_beta", (1, 1 / 2, 1 / 4))}  # nft: a smaller beta' moves the policy further
+LR_TRIALS = (2e-5, 4e-5, 8e-5)
 
 
 def flip(rows: Rows, rng: np.random.Generator, share: float) -> Rows:
@@ -105,6 +117,7 @@ class RegimeSettings:
     methods: tuple[str, ...] = METHODS
     budget: int = 512
     steps: int = QUICK_STEPS
+    tune: bool = False  # tune each method per regime on TUNING_SEED (trials()) instead of lr 4e-5 at its config
     timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -125,6 +138,55 @@ def write_regime(rows: Rows, regime: str, source: Path, folder: Path, seed: int 
     return path, kept
 
 
+Trial = tuple[float, tuple[str, ...], str]  # (lr, config overrides, a name for folders and reports)
+
+
+def trials(method: str, tune: bool) -> list[Trial]:
+    """The settings a method is tried at: lr 4e-5 at its config without --tune; with it, its knob's values at lr 4e-5
+    and lr 2e-5 / 8e-5 at the configured knob (the lr grid alone for a method without a knob)."""
+    if not tune:
+        return [(LR, (), "")]
+    if method not in KNOBS:
+        return [(lr, (), "") for lr in LR_TRIALS]
+    key, scales = KNOBS[method]
+    section, name = key.split(".")
+    value = getattr(getattr(load_config(CONFIG, [*COMMON, *OVERRIDES[method]]), section), name)
+    knob = [(LR, (f"{key}={value * k:g}",), f"-{name}{value * k:g}") for k in scales]
+    return knob + [(lr, knob[0][1], knob[0][2]) for lr in LR_TRIALS if lr != LR]
+
+
+def describe(trial: Trial) -> str:
+    """A trial in the report: its overrides and lr."""
+    lr, extra, _ = trial
+    return " ".join([*extra, f"optim.lr={lr:g}"])
+
+
+def choose(train: AlignSettings, feedback: Path, regime: str, method: str, tune: bool) -> tuple[Trial, dict]:
+    """The trial reported for (regime, method): the only one without --tune, else the best validation score on
+    TUNING_SEED; and every trial's score (empty without --tune)."""
+    options = trials(method, tune)
+    if len(options) == 1:
+        return options[0], {}
+    extra = REGIME_OVERRIDES.get(regime, ())
+    scores = {describe(t): validation_score(method, train_method(train, feedback, method, t[0], TUNING_SEED,
+                                                                  (*extra, *t[1]), t[2]), TUNING_SEED)
+              for t in options}
+    best = max(options, key=lambda t: scores[describe(t)])
+    print(f"[bench regimes] {regime}/{method}: validation {scores} -> {describe(best)}", flush=True)
+    return best, {k: round(v, 4) for k, v in scores.items()}
+
+
+def run_method(settings: RegimeSettings, regime: str, method: str, feedback: Path, demo: DemoSettings) -> dict:
+    """Tune (with --tune) and train one method in one regime on every reported seed; its merged evaluation, the
+    chosen setting and the tuning scores. A refusal of the data (UserError) propagates."""
+    train = AlignSettings(out=settings.out / f"regime-{regime}", quick=True, steps=settings.steps)
+    trial, scores = choose(train, feedback, regime, method, settings.tune)
+    extra = (*REGIME_OVERRIDES.get(regime, ()), *trial[1])
+    runs = [evaluate_method(method, train_method(train, feedback, method, trial[0], s, extra, trial[2]),
+                            eval_seeds(demo, s)) for s in range(settings.seeds)]
+    return {**merge_runs(runs), "setting": describe(trial), "tuning": scores}
+
+
 def run_bench_regimes(settings: RegimeSettings) -> dict:
     """The whole benchmark; writes regimes.json, regimes.md, frontier.png and report.html into ``settings.out``."""
     out, start = settings.out, time.perf_counter()
@@ -140,23 +202,17 @@ def run_bench_regimes(settings: RegimeSettings) -> dict:
     for regime in settings.regimes:
         feedback, kept = write_regime(rows, regime, source, out / f"regime-{regime}")
         stats[regime] = {"labels": len(kept), "liked_share": round(float(np.mean([r["label"] for r in kept])), 3)}
-        train = AlignSettings(out=out / f"regime-{regime}", quick=True, steps=settings.steps)
         for method in settings.methods:
             why = cannot_run(method, kept)
-            if why:
-                skipped[f"{regime}/{method}"] = why
-                print(f"[bench regimes] {regime}: {why}", flush=True)
-                continue
-            try:
-                runs = [evaluate_method(method, train_method(train, feedback, method, LR, s,
-                                                             REGIME_OVERRIDES.get(regime, ())), eval_seeds(demo, s))
-                        for s in range(settings.seeds)]
-            except UserError as err:  # the objective refuses this data (e.g. bco on likes only): say so, go on
-                skipped[f"{regime}/{method}"] = f"{method}: cannot run, {str(err).splitlines()[0]}"
-                print(f"[bench regimes] {regime}: {skipped[f'{regime}/{method}']}", flush=True)
-                continue
-            results[f"{regime}/{method}"] = merge_runs(runs)
-            print(f"[bench regimes] {regime}/{method} done", flush=True)
+            if why is None:
+                try:
+                    results[f"{regime}/{method}"] = run_method(settings, regime, method, feedback, demo)
+                    print(f"[bench regimes] {regime}/{method} done", flush=True)
+                    continue
+                except UserError as err:  # the objective refuses this data (e.g. bco on likes only): say so, go on
+                    why = f"{method}: cannot run, {str(err).splitlines()[0]}"
+            skipped[f"{regime}/{method}"] = why
+            print(f"[bench regimes] {regime}: {why}", flush=True)
     settings.timings["total"] = round(time.perf_counter() - start, 1)
     return write_regimes_report(settings, results, skipped, stats)
 
@@ -175,7 +231,8 @@ def regime_rows(results: dict) -> list[dict]:
         rows.append({"regime": regime, "method": method, "win_rate": comp.result.rate, "ci": comp.result.ci,
                      "n": comp.result.n, "fidelity": means[name]["fidelity"].mean,
                      "fidelity_vs_base": means[name]["fidelity"].mean / means["base"]["fidelity"].mean,
-                     "diversity_kept": results[name]["diversity"] / base_div})
+                     "diversity_kept": results[name]["diversity"] / base_div,
+                     "setting": results[name]["setting"], "tuning": results[name]["tuning"]})
     return rows
 
 
@@ -195,27 +252,48 @@ def write_regimes_report(settings: RegimeSettings, results: dict, skipped: dict,
                                                       else f" --seeds {settings.seeds}")
     flags += "" if settings.regimes == tuple(REGIMES) else f" --regimes {','.join(settings.regimes)}"
     flags += "" if settings.methods == METHODS else f" --methods {','.join(settings.methods)}"
+    flags += " --tune" if settings.tune else ""
     run = {"command": "dkto bench regimes" + flags, "commit": commit(), "machine": machine(),
-           "wall time (s)": settings.timings.get("total"), "seeds": settings.seeds, "steps": settings.steps, "lr": LR}
+           "wall time (s)": settings.timings.get("total"), "seeds": settings.seeds, "steps": settings.steps,
+           "tuning": f"per regime and method on training seed {TUNING_SEED}" if settings.tune else f"none: lr {LR:g}"}
     summary = {"run": run, "regimes": stats, "rows": rows, "cannot run": skipped}
     (settings.out / "regimes.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot = frontier_plot(rows)
     plot.save(settings.out / "frontier.png")
-    table = winrate.Table(["regime", "labels (liked)", "method", "win rate over base", "fidelity / base",
+    table = winrate.Table(["regime", "labels (liked)", "method", "setting", "win rate over base", "fidelity / base",
                            "diversity kept"])
     for r in rows:
         st = stats[r["regime"]]
         table.rows.append([f"{r['regime']}: {REGIME_NAMES[r['regime']]}", f"{st['labels']} ({st['liked_share']:.0%})",
-                           r["method"], f"{100 * r['win_rate']:.1f} ± {100 * r['ci']:.1f} (n={r['n']})",
+                           r["method"], f"`{r['setting']}`", f"{100 * r['win_rate']:.1f} ± {100 * r['ci']:.1f} (n={r['n']})",
                            f"{r['fidelity_vs_base']:.0%}", f"{r['diversity_kept']:.0%}"])
     lines = "\n".join(f"- {why} (regime {key.split('/')[0]})" for key, why in skipped.items()) or "- none"
     (settings.out / "regimes.md").write_text(
         f"# Regime benchmark (shapes world)\n\n- command: `{run['command']}`\n- commit: `{run['commit']}`\n"
         f"- machine: {run['machine']}\n- wall time: {(run['wall time (s)'] or 0) / 60:.1f} min; training seeds: "
-        f"0..{settings.seeds - 1}; {settings.steps} steps, lr {LR:g} for every method (bench align's quick settings, "
-        f"not tuned per regime); win rates median-of-5 under the preference judge on held-out prompts, 95% CI\n\n"
-        f"{table.to_markdown()}\n\nCould not run:\n\n{lines}\n\n![frontier](frontier.png)\n")
+        f"0..{settings.seeds - 1}; {settings.steps} steps; {_tuning_line(settings)}; win rates median-of-5 under the "
+        f"preference judge on held-out prompts, 95% CI\n\n"
+        f"{table.to_markdown()}\n\nCould not run:\n\n{lines}\n\n![frontier](frontier.png)\n{_tuning_section(rows)}")
     report_lib.write_report(settings.out, title="dkto bench regimes", run_info=run, extra_tables={"Regimes": table},
                             grids={"frontier": plot}, results=summary, results_name="report.json",
                             notes=[f"could not run: {why}" for why in skipped.values()])
     return summary
+
+
+def _tuning_line(settings: RegimeSettings) -> str:
+    """How the settings were chosen, for the report's header."""
+    if not settings.tune:
+        return f"lr {LR:g} for every method (bench align's quick settings, not tuned per regime)"
+    return (f"each method tuned per regime on training seed {TUNING_SEED} (not a reported seed) over its knob and the "
+            f"lr (bench_regimes.trials), by bench align's validation score (mean preference on the training prompts, "
+            f"fresh image seeds, the judge's own scores: clean even where the labels were flipped)")
+
+
+def _tuning_section(rows: list[dict]) -> str:
+    """The validation score of every trial, per (regime, method), when the run tuned."""
+    tuned = [r for r in rows if r["tuning"]]
+    if not tuned:
+        return ""
+    lines = [f"- {r['regime']}/{r['method']}: " + ", ".join(f"`{k}` {v:.3f}" for k, v in r["tuning"].items())
+             for r in tuned]
+    return "\n## Tuning (validation score per trial, training seed %d)\n\n%s\n" % (TUNING_SEED, "\n".join(lines))
