@@ -4,7 +4,9 @@ One judged feedback set (bench align's: 512 base images of the shapes world's tr
 ``preference`` judge) -> one transformed copy per regime -> every method of bench align's table that can run there,
 trained with bench align's quick settings (80 steps, lr 4e-5, its COMMON and per-method overrides) on several
 training seeds -> the win rate over the base on held-out prompts and seeds, prompt fidelity, and the share of the
-base's diversity kept; one table and one frontier plot (win rate against diversity kept).
+base's diversity kept; one table and one frontier plot (win rate against diversity kept). With ``--tune`` every
+method is first tried per regime at its knob's values and three lrs (:func:`trials`) on a tuning seed none of the
+reported runs uses, and the table reports its best trial, named in the table.
 
 Regimes (each a function of the feedback rows and a seeded generator; nothing is dropped beyond what it says):
 
