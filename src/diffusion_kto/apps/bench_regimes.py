@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import ConfigError
+from ..config import ConfigError, load_config
 from ..errors import UserError
 from ..evaluation import report as report_lib
 from ..evaluation import winrate
@@ -39,8 +39,6 @@ from ..provenance import commit, machine
 from .bench_align import METHODS as ALIGN_METHODS
 from .bench_align import (COMMON, QUICK_STEPS, AlignSettings, eval_seeds, evaluate_method, merge_runs, train_method,
                           validation_score)
-from .bench_align import METHODS as OVERRIDES
-from ..config import load_config
 from ..sampling import load_pipeline
 from ..toy import judges
 from .demo import CONFIG, DemoSettings, collect_feedback
@@ -152,7 +150,7 @@ def trials(method: str, tune: bool) -> list[Trial]:
         return [(lr, (), "") for lr in LR_TRIALS]
     key, scales = KNOBS[method]
     section, name = key.split(".")
-    value = getattr(getattr(load_config(CONFIG, [*COMMON, *OVERRIDES[method]]), section), name)
+    value = getattr(getattr(load_config(CONFIG, [*COMMON, *ALIGN_METHODS[method]]), section), name)
     knob = [(LR, (f"{key}={value * k:g}",), f"-{name}{value * k:g}") for k in scales]
     return knob + [(lr, knob[0][1], knob[0][2]) for lr in LR_TRIALS if lr != LR]
 
@@ -167,7 +165,7 @@ def choose(train: AlignSettings, feedback: Path, regime: str, method: str, tune:
     """The trial reported for (regime, method): the only one without --tune, else the best validation score on
     TUNING_SEED; and every trial's score (empty without --tune)."""
     options = trials(method, tune)
-    if len(options) == 1:
+    if not tune:
         return options[0], {}
     extra = REGIME_OVERRIDES.get(regime, ())
     scores = {describe(t): validation_score(method, train_method(train, feedback, method, t[0], TUNING_SEED,
