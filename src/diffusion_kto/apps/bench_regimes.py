@@ -265,7 +265,7 @@ def write_regimes_report(settings: RegimeSettings, results: dict, skipped: dict,
     for r in rows:
         st = stats[r["regime"]]
         table.rows.append([f"{r['regime']}: {REGIME_NAMES[r['regime']]}", f"{st['labels']} ({st['liked_share']:.0%})",
-                           r["method"], f"`{r['setting']}`", f"{100 * r['win_rate']:.1f} ± {100 * r['ci']:.1f} (n={r['n']})",
+                           r["method"], r["setting"], f"{100 * r['win_rate']:.1f} ± {100 * r['ci']:.1f} (n={r['n']})",
                            f"{r['fidelity_vs_base']:.0%}", f"{r['diversity_kept']:.0%}"])
     lines = "\n".join(f"- {why} (regime {key.split('/')[0]})" for key, why in skipped.items()) or "- none"
     (settings.out / "regimes.md").write_text(
@@ -276,7 +276,10 @@ def write_regimes_report(settings: RegimeSettings, results: dict, skipped: dict,
         f"{table.to_markdown()}\n\nCould not run:\n\n{lines}\n\n![frontier](frontier.png)\n{_tuning_section(rows)}")
     report_lib.write_report(settings.out, title="dkto bench regimes", run_info=run, extra_tables={"Regimes": table},
                             grids={"frontier": plot}, results=summary, results_name="report.json",
-                            notes=[f"could not run: {why}" for why in skipped.values()])
+                            notes=[*(f"could not run: {why}" for why in skipped.values()),
+                                   *(f"tuning {r['regime']}/{r['method']} (validation score, training seed "
+                                     f"{TUNING_SEED}): " + ", ".join(f"{k}: {v:.3f}" for k, v in r["tuning"].items())
+                                     for r in rows if r["tuning"])])
     return summary
 
 
