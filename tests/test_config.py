@@ -38,7 +38,7 @@ def test_overrides_win_and_are_typed():
     ("loss.bta=1", "unknown config key loss.bta"),
     ("nope=1", "unknown config key nope"),
     ("loss.utility=prospect", "loss.utility: 'prospect' is not allowed; choose one of kt, loss_averse, risk_seeking"),
-    ("loss.reference_point=global", "mismatched, matched, per_prompt, none"),
+    ("loss.reference_point=global", "mismatched, matched, per_prompt, centred, none"),
     ("loss.name=ppo", "loss.name"),
     ("train.mixed_precision=fp8", "no, fp16, bf16"),
     ("loss.beta=0", "loss.beta: must be > 0"),

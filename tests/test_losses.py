@@ -91,6 +91,43 @@ def test_reference_point_mean_then_clamp():
     assert not losses.reference_point(p, torch.tensor([0.5])).requires_grad
 
 
+def test_centred_reference_point_value_and_gradient():
+    """Valued at the global mean (here 0.4, another process's samples included), differentiated through the local
+    mean: dQ/dg_k = 1/B for each local sample; negative means are kept (no clamp)."""
+    g = torch.tensor([0.1, -0.7], requires_grad=True)
+    q = losses.centred_reference_point(g, torch.tensor(0.4))
+    assert q.item() == pytest.approx(0.4)
+    q.backward()
+    torch.testing.assert_close(g.grad, torch.tensor([0.5, 0.5]))
+    assert losses.centred_reference_point(torch.tensor([-0.3, -0.5]), torch.tensor(-0.4)).item() == pytest.approx(-0.4)
+    with pytest.raises(ValueError):
+        losses.centred_reference_point(torch.tensor([]), torch.tensor(0.0))
+
+
+def test_centred_kto_loss_is_blind_to_a_common_shift():
+    """With the centred Q_ref each z_i = s_i beta (g_i - mean g): adding c to every policy error leaves every loss,
+    and the gradient's sum over the samples (d L / d c) is 0. Hand values: g = [0.02, -0.01, 0, 0.03] - hence
+    mean 0.01, z = beta * s * (g - 0.01) = 30 * [0.01, 0.02, -0.01, 0.02] for liked, disliked, liked, liked."""
+    flags = torch.tensor([True, False, True, True])
+    policy = POLICY.clone().requires_grad_(True)
+    g = losses.implicit_reward(policy, REF)
+    q = losses.centred_reference_point(g, g.detach().mean())
+    out = losses.kto_loss(policy, REF, flags, q, beta=30.0, reference_grad=True)
+    z = 30.0 * torch.tensor([0.01, 0.02, -0.01, 0.02], dtype=POLICY.dtype)
+    torch.testing.assert_close(out.losses, 1 - torch.sigmoid(z))
+    out.losses.sum().backward()
+    assert abs(policy.grad.sum().item()) < 1e-6 and policy.grad.abs().sum().item() > 1e-3
+    shifted = POLICY + 0.5
+    gs = losses.implicit_reward(shifted, REF)
+    again = losses.kto_loss(shifted, REF, flags, losses.centred_reference_point(gs, gs.mean()), beta=30.0,
+                            reference_grad=True)
+    torch.testing.assert_close(again.losses, out.losses.detach(), atol=1e-5, rtol=1e-5)
+    # without reference_grad the same Q_ref is detached: the common mode comes back
+    plain = POLICY.clone().requires_grad_(True)
+    losses.kto_loss(plain, REF, flags, q.detach(), beta=30.0).losses.sum().backward()
+    assert abs(plain.grad.sum().item()) > 1e-3
+
+
 def test_reference_point_batch_of_one_and_empty():
     assert losses.reference_point(torch.tensor([0.1]), torch.tensor([0.3])).item() == pytest.approx(0.2)
     with pytest.raises(ValueError):

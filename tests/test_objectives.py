@@ -54,6 +54,21 @@ def test_kto_matched_hand_values():
     assert out.metrics["ref_err"] == 1.25
 
 
+def test_kto_centred_hand_values():
+    """g = [0.5, -1.0], Q_ref = mean g = -0.25 (not clamped); z_1 = beta (g_1 - Q) and z_2 = -beta (g_2 - Q) both equal
+    beta (g_1 - g_2) / 2 = 0.75. With g = ref - policy and Q's gradient, dz_1/dp = beta [-1/2, 1/2] = dz_2/dp, so
+    d(loss_1 + loss_2)/dp = -sigma'(0.75) [-1, 1]: equal and opposite, no common mode."""
+    policy = ERRORS.policy.clone().requires_grad_(True)
+    out = KTO(beta=1.0, reference_point="centred").loss(Errors(policy=policy, reference=ERRORS.reference), LIKED,
+                                                            _gather)
+    torch.testing.assert_close(out.losses.detach(), torch.full((2,), 1 - _sig(0.75), dtype=torch.float64))
+    assert out.metrics["kl"] == -0.25
+    out.losses.sum().backward()
+    w = _sig(0.75) * (1 - _sig(0.75))  # sigma'(0.75)
+    torch.testing.assert_close(policy.grad, torch.tensor([w, -w], dtype=torch.float64))
+    assert KTO(beta=1.0, reference_point="centred").plan(0, 2).mismatched == 0
+
+
 def test_kto_on_likes_only_hand_values():
     """Both samples liked (gamma = 1): g = [0.5, -1.0], Q_ref = max(0, -0.25) = 0, z = beta (g - Q) = [0.5, -1.0];
     loss = 1 - sigma(z); the disliked reward is NaN (no disliked sample), accuracy the share with z > 0."""

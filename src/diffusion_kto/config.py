@@ -103,7 +103,9 @@ class LossConfig:
     utility: str = _choice("kt", ("kt", "loss_averse", "risk_seeking"))
     # per_prompt: Q_ref of each sample from the batch's samples of its own prompt (a prompt alone in the batch takes
     # the batch-wide one); see docs/method.md and benchmarks/results/online.md
-    reference_point: str = _choice("mismatched", ("mismatched", "matched", "per_prompt", "none"))
+    # centred: the batch's own mean of g like matched, but with its gradient and no clamp at 0, so that no common
+    # shift of the implicit rewards changes the loss (degrading every image at once cannot satisfy the disliked term)
+    reference_point: str = _choice("mismatched", ("mismatched", "matched", "per_prompt", "centred", "none"))
     # the amortized reference point (mismatched only; docs/method.md): fewer extra no-grad passes per step
     reference_fraction: float = _unit(1.0, "mismatched: estimate Q_ref on the first ceil(f*B) samples of the batch")
     reference_every: int = _positive(1, "mismatched: estimate Q_ref every k micro-steps, reuse it in between")

@@ -68,6 +68,18 @@ def reference_point(policy_err: Tensor, ref_err: Tensor) -> Tensor:
     return implicit_reward(policy_err, ref_err).detach().float().mean().clamp(min=0)
 
 
+def centred_reference_point(g: Tensor, global_mean: Tensor) -> Tensor:
+    """Q_ref = mean(g) *with* its gradient and no clamp: valued at the global batch mean of g, differentiated
+    through this process's samples' g, so that every z_i = s_i beta (g_i - Q_ref) is unchanged by a common shift of
+    all g (sum_k dz_i/dg_k = 0): the loss cannot fall by moving every implicit reward at once (docs/method.md).
+
+    g: (B,) this process's implicit rewards (with gradient); global_mean: () the mean of g over the gathered batch."""
+    if g.numel() == 0:
+        raise ValueError("centred_reference_point needs at least one sample")
+    local = g.float().mean()
+    return local - local.detach() + global_mean.detach().float()
+
+
 def prompt_reference_point(policy_err: Tensor, ref_err: Tensor, groups: Tensor,
                            local_groups: Tensor | None = None) -> Tensor:
     """Per-sample Q_ref = max(0, mean of g = ref_err - policy_err over the samples of the same prompt), detached.
@@ -120,14 +132,17 @@ def kto_loss(
     utility: str = "kt",
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    reference_grad: bool = False,
 ) -> KTOOutput:
     """Diffusion-KTO (Eq. 8): loss_i = lambda_y (1 - U(s_i * beta * (g_i - Q_ref))), s = +1 liked, -1 disliked.
 
-    policy_err, ref_err: (B,) float; desirable: (B,) bool; kl: scalar reference point Q_ref (no gradient)."""
+    policy_err, ref_err: (B,) float; desirable: (B,) bool; kl: the reference point Q_ref, () or (B,), detached here
+    unless ``reference_grad`` (the centred Q_ref, whose gradient is part of the objective)."""
     if utility not in UTILITIES:
         raise ValueError(f"unknown utility {utility!r}; expected one of {sorted(UTILITIES)}")
     desirable = desirable.to(device=policy_err.device, dtype=torch.bool)
-    kl = torch.as_tensor(kl, dtype=policy_err.dtype, device=policy_err.device).detach()
+    kl = torch.as_tensor(kl, device=policy_err.device).to(policy_err.dtype)
+    kl = kl if reference_grad else kl.detach()
     g = implicit_reward(policy_err, ref_err)  # (B,)
     sign = desirable.to(policy_err.dtype) * 2 - 1  # (B,) +1 / -1
     z = sign * beta * (g - kl)  # (B,)

@@ -29,7 +29,8 @@ class KTO(Objective):
                  reference_fraction: float = 1.0, reference_every: int = 1, reference_decay: float = 0.0,
                  desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
         self.beta, self.utility = beta, utility
-        self.reference_mode = reference_point  # mismatched (paper), matched (official script), per_prompt, none
+        # mismatched (paper), matched (official script), per_prompt, centred (matched with its gradient), none
+        self.reference_mode = reference_point
         self.fraction, self.every, self.decay = reference_fraction, reference_every, reference_decay
         self.weights = (desirable_weight, undesirable_weight)
         self.running: losses.RunningReference | None = None  # the running mismatched Q_ref (amortized)
@@ -69,11 +70,14 @@ class KTO(Objective):
         """Q_ref over the global batch: per-sample errors gathered from every process, then mean and clamp (§4.1).
 
         A mismatched estimate goes through the running mean of ``reference_decay``; micro-steps without a fresh one
-        (``reference_every`` > 1) reuse it. ``per_prompt``: one Q_ref per sample, over the batch's samples of its prompt
+        (``reference_every`` > 1) reuse it. ``centred``: the matched mean with its gradient and no clamp. ``per_prompt``: one Q_ref per sample, over the batch's samples of its prompt
         (``groups``: (B,) prompt ids), shape (B,)."""
         device = errors.policy.device
         if self.reference_mode == "none":
             return torch.zeros((), device=device)
+        if self.reference_mode == "centred":
+            g = losses.implicit_reward(errors.policy, errors.reference)  # (B,) with the policy's gradient
+            return losses.centred_reference_point(g, gather(g.detach().float()).mean())
         if self.reference_mode == "per_prompt":
             if groups is None:
                 raise ValueError("loss.reference_point=per_prompt needs the prompt ids of the batch (groups)")
@@ -92,11 +96,12 @@ class KTO(Objective):
         """Eq. 8 per sample, with the reference point, the implicit rewards of each class and the accuracy logged."""
         kl = self.reference_point(errors, gather, groups)
         out = losses.kto_loss(errors.policy, errors.reference, desirable, kl, beta=self.beta, utility=self.utility,
-                              desirable_weight=self.weights[0], undesirable_weight=self.weights[1])
+                              desirable_weight=self.weights[0], undesirable_weight=self.weights[1],
+                              reference_grad=self.reference_mode == "centred")
         # diagnostics over the global batch (a local slice may lack a class)
         rewards, liked = gather(out.rewards).float(), gather(desirable)
         return LossOutput(out.losses, {
-            "kl": float(kl.float().mean()),
+            "kl": float(kl.detach().float().mean()),
             "reward_liked": _mean(rewards[liked]),
             "reward_disliked": _mean(rewards[~liked]),
             "accuracy": out.accuracy.item(),
