@@ -23,11 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from diffusion_kto.apps.bench_align import AlignSettings, eval_seeds, evaluate_method, merge_runs, train_method
-from diffusion_kto.apps.bench_regimes import LR, REGIMES, regime_rows, write_regime
-from diffusion_kto.apps.demo import DemoSettings, collect_feedback
+from diffusion_kto.apps.bench_regimes import LR, REGIMES, judged_feedback, regime_rows, write_regime
+from diffusion_kto.apps.demo import DemoSettings
 from diffusion_kto.provenance import commit, machine
-from diffusion_kto.sampling import load_pipeline
-from diffusion_kto.toy import judges
 
 
 def parse_variants(text: str) -> dict[str, tuple[str, ...]]:
@@ -56,10 +54,7 @@ def main() -> None:
     start, out = time.perf_counter(), args.out
     out.mkdir(parents=True, exist_ok=True)
     demo = DemoSettings(out=out, budget=512, groups_per_prompt=4)
-    source = out / "feedback"
-    if not (source / "feedback.jsonl").is_file():
-        collect_feedback(load_pipeline("toy", device="cpu"), judges.preference, demo, source)
-    rows = [json.loads(line) for line in (source / "feedback.jsonl").read_text().splitlines() if line.strip()]
+    source, rows = judged_feedback(demo, out / "feedback")
     results = {"base": merge_runs([evaluate_method("base", None, eval_seeds(demo, s)) for s in range(args.seeds)])}
     variants = parse_variants(args.variants)
     for regime in args.regimes.split(","):

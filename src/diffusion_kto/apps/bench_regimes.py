@@ -187,16 +187,20 @@ def run_method(settings: RegimeSettings, regime: str, method: str, feedback: Pat
     return {**merge_runs(runs), "setting": describe(trial), "tuning": scores}
 
 
+def judged_feedback(demo: DemoSettings, source: Path) -> tuple[Path, Rows]:
+    """The benchmark's judged base images in ``source`` (collected once, reused when present) and their rows."""
+    if not (source / "feedback.jsonl").is_file():
+        collect_feedback(load_pipeline("toy", device="cpu"), judges.preference, demo, source)
+    return source, [json.loads(line) for line in (source / "feedback.jsonl").read_text().splitlines() if line.strip()]
+
+
 def run_bench_regimes(settings: RegimeSettings) -> dict:
     """The whole benchmark; writes regimes.json, regimes.md, frontier.png and report.html into ``settings.out``."""
     out, start = settings.out, time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     commit()
     demo = DemoSettings(out=out, budget=settings.budget, groups_per_prompt=4)
-    source = out / "feedback"
-    if not (source / "feedback.jsonl").is_file():
-        collect_feedback(load_pipeline("toy", device="cpu"), judges.preference, demo, source)
-    rows = [json.loads(line) for line in (source / "feedback.jsonl").read_text().splitlines() if line.strip()]
+    source, rows = judged_feedback(demo, out / "feedback")
     base = [evaluate_method("base", None, eval_seeds(demo, s)) for s in range(settings.seeds)]
     results, skipped, stats = {"base": merge_runs(base)}, {}, {}
     for regime in settings.regimes:

@@ -70,14 +70,15 @@ class KTO(Objective):
         """Q_ref over the global batch: per-sample errors gathered from every process, then mean and clamp (§4.1).
 
         A mismatched estimate goes through the running mean of ``reference_decay``; micro-steps without a fresh one
-        (``reference_every`` > 1) reuse it. ``centred``: the matched mean with its gradient and no clamp. ``per_prompt``: one Q_ref per sample, over the batch's samples of its prompt
-        (``groups``: (B,) prompt ids), shape (B,)."""
+        (``reference_every`` > 1) reuse it. ``centred``: the matched mean with its gradient and no clamp.
+        ``per_prompt``: one Q_ref per sample, over the batch's samples of its prompt (``groups``: (B,) prompt ids),
+        shape (B,)."""
         device = errors.policy.device
         if self.reference_mode == "none":
             return torch.zeros((), device=device)
         if self.reference_mode == "centred":
             g = losses.implicit_reward(errors.policy, errors.reference)  # (B,) with the policy's gradient
-            return losses.centred_reference_point(g, gather(g.detach().float()).mean())
+            return losses.centred_reference_point(g, gather(g.detach()).float().mean())
         if self.reference_mode == "per_prompt":
             if groups is None:
                 raise ValueError("loss.reference_point=per_prompt needs the prompt ids of the batch (groups)")
