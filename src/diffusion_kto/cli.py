@@ -150,6 +150,9 @@ def _add_demo(sub) -> None:
     p.add_argument("--guard-checks", type=int, default=8,
                    help="checkpoints checked against the guards after training, newest first; the newest that passes "
                         "is kept (rollback); 0: keep the final model whatever the guards say")
+    p.add_argument("--guard-search", choices=("checkpoints", "chord"), default="checkpoints",
+                   help="what a rollback keeps: the newest passing checkpoint, or the largest alpha on the chord "
+                        "theta_0 + alpha (theta_T - theta_0) from the base to the final weights that passes")
     p.add_argument("--config", default=None, help="training config (default: the model's, configs/toy-kto.yaml for "
                                                   "toy, configs/toy-flow-kto.yaml for toy-flow)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
@@ -163,7 +166,7 @@ def _run_demo(args) -> int:
                             threshold=DemoSettings.threshold if args.threshold is None else args.threshold,
                             label_noise=args.label_noise, groups_per_prompt=args.groups, guard=args.guard,
                             diversity_guard=args.diversity_guard, guard_checks=args.guard_checks,
-                            config=Path(args.config) if args.config else None, overrides=tuple(args.overrides))
+                            guard_search=args.guard_search, config=Path(args.config) if args.config else None, overrides=tuple(args.overrides))
     run_demo(settings)
     return 0
 

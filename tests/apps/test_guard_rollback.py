@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_kto.apps.demo import DemoSettings, run_demo
-from diffusion_kto.apps.guard_rollback import GUARD_SEED, GuardPlan, checkpoint_overrides, fidelity_bound, guard_set
+from diffusion_kto.apps import guard_rollback
+from diffusion_kto.apps.guard_rollback import (GUARD_SEED, GuardPlan, checkpoint_overrides, chord, fidelity_bound,
+                                              guard_set)
 from diffusion_kto.models import resolve_pretrained
 from diffusion_kto.toy import world
 
@@ -69,3 +71,27 @@ def test_guard_checks_zero_keeps_the_final_model_and_says_so(tmp_path):
     metrics = run_demo(DemoSettings(out=tmp_path / "demo", budget=16, groups_per_prompt=1, guard_checks=0,
                                     overrides=("train.max_steps=1", "train.batch_size=4")))
     assert metrics["guard_rollback"] is None and not (tmp_path / "demo" / "model" / "checkpoints").exists()
+
+
+def test_chord_is_the_weight_space_line_from_the_start_to_the_final_weights():
+    """θ_α = θ_0 + α (θ_T − θ_0): θ_0 = [0, 2], θ_T = [4, -2], α = 0.25 -> [1, 1]; integer tensors keep θ_T."""
+    initial = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor([1])}
+    final = {"w": torch.tensor([4.0, -2.0]), "n": torch.tensor([7])}
+    assert torch.equal(chord(initial, final, 0.25)["w"], torch.tensor([1.0, 1.0]))
+    assert torch.equal(chord(initial, final, 0.0)["w"], initial["w"])
+    assert torch.equal(chord(initial, final, 1.0)["w"], final["w"]) and chord(initial, final, 0.5)["n"].item() == 7
+
+
+def test_search_chord_keeps_the_final_weights_or_bisects_to_the_largest_passing_alpha(monkeypatch):
+    """With guards that pass for α <= 0.3: 1 fails, then 0.5 fails, 0.25 passes, 0.375 fails, 0.3125 fails -> 0.25."""
+    def guards(family, weights, label, *args):
+        return {**label, "passed": weights["w"].item() <= 0.3}
+
+    monkeypatch.setattr(guard_rollback, "check", guards)
+    zero, one = {"w": torch.tensor(0.0)}, {"w": torch.tensor(1.0)}
+    alpha, checked = guard_rollback.search_chord(None, zero, one, None, GuardPlan(bisections=4), 0, {})
+    assert alpha == 0.25 and [c["alpha"] for c in checked] == [1.0, 0.5, 0.25, 0.375, 0.3125]
+    alpha, checked = guard_rollback.search_chord(None, zero, {"w": torch.tensor(0.2)}, None, GuardPlan(), 0, {})
+    assert alpha == 1.0 and len(checked) == 1  # the final weights pass: nothing else is drawn
+    alpha, _ = guard_rollback.search_chord(None, {"w": torch.tensor(0.5)}, one, None, GuardPlan(bisections=3), 0, {})
+    assert alpha == 0.0  # nothing on the chord passes: the start

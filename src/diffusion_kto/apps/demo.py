@@ -61,6 +61,7 @@ class DemoSettings:
     guard: float = DEFAULT_SHARE  # the aligned model must keep this share of the base's prompt fidelity ...
     diversity_guard: float = DEFAULT_DIVERSITY_SHARE  # ... and this share of its diversity (apps/reward_guards.py)
     guard_checks: int = GuardPlan.checks  # checkpoints checked, newest first, the newest passing kept; 0: no rollback
+    guard_search: str = GuardPlan.search  # "checkpoints" (the newest passing) or "chord" (the largest passing alpha)
     timings: dict[str, float] = field(default_factory=dict)
     sampling: dict | None = None  # None: the model's own (MODELS)
 
@@ -150,7 +151,7 @@ def run_demo(settings: DemoSettings) -> dict:
     if settings.guard_checks > 0:
         with stage(settings, "guard"):
             plan = GuardPlan(checks=settings.guard_checks, share=settings.guard,
-                             diversity_share=settings.diversity_guard)
+                             diversity_share=settings.diversity_guard, search=settings.guard_search)
             guarded = rollback(trainer, base, initial, plan, settings.seed, settings.sampling, trained.steps)
         print(f"[demo] {guarded['line']}", flush=True)
     with stage(settings, "evaluate"):
@@ -235,7 +236,8 @@ def write_demo_report(out: Path, settings: DemoSettings, feedback: dict, trained
                      "images_per_prompt": n, "groups_per_prompt": settings.groups_per_prompt,
                      "held_out_prompts": len(world.eval_prompts()), "sampling": settings.sampling,
                      "config": str(settings.config), "overrides": list(settings.overrides),
-                     "guards": [settings.guard, settings.diversity_guard], "guard_checks": settings.guard_checks},
+                     "guards": [settings.guard, settings.diversity_guard], "guard_checks": settings.guard_checks,
+                     "guard_search": settings.guard_search},
         "run": {"command": " ".join(["dkto", *sys.argv[1:]]) if sys.argv else "dkto demo",
                 "commit": commit(), "machine": machine()},
     }

@@ -4,7 +4,9 @@ The run is checkpointed every 1/``checks`` of its steps. After training, its che
 a guard set of images; the newest that keeps ``share`` of the base's prompt fidelity and ``diversity_share`` of its
 diversity (:mod:`.reward_guards`) is kept: its weights are loaded and exported in place of the final ones (the final
 weights stay in their checkpoint). When none does, the run rolls back to its start, the base. Fidelity and diversity
-do not depend on the judge, so the guard works for judges the project has never seen.
+do not depend on the judge, so the guard works for judges the project has never seen. With ``search="chord"`` the
+guard walks the chord θ_0 + α (θ_T − θ_0) from the start to the final weights instead (a weight-space ensemble),
+bisecting to the largest α that passes.
 
 The guard set is 15 of the training prompts (every third) x ``groups`` seed groups x ``images`` images, with seeds
 of its own: the held-out prompts of the evaluation never steer the choice. A guard set is one draw of images, so a
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from ..sampling import generate
 from ..toy import judges, world
@@ -37,6 +41,8 @@ class GuardPlan:
     share: float = DEFAULT_SHARE
     diversity_share: float = DEFAULT_DIVERSITY_SHARE
     z: float = 1.64  # the fidelity guard uses mean - z se (paired with the base's images); 0: the mean alone
+    search: str = "checkpoints"  # "checkpoints": the newest passing one; "chord": the largest passing α (search_chord)
+    bisections: int = 4  # chord: α to 1/16
 
 
 def checkpoint_overrides(max_steps: int, checks: int) -> list[str]:
@@ -78,43 +84,89 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name[len(PREFIX):])
 
 
+def check(family, weights: dict, label: dict, base: tuple[dict, np.ndarray], plan: GuardPlan, seed: int,
+          sampling: dict) -> dict:
+    """Load ``weights`` into the family and check them against both guards (fidelity by its lower bound): one entry
+    of the report's ``checked``, ``label`` (its step, or its α) first."""
+    (base_stats, base_scores) = base
+    family.load_trainable_state(weights)
+    with family.pipeline() as pipe:
+        stats, scores = guard_stats(pipe, plan, seed, sampling)
+    bound = {**stats, "fidelity": fidelity_bound(scores, base_scores, plan.z)}
+    verdict = guard_verdict(base_stats, bound, plan.share, plan.diversity_share)
+    return {**label, "passed": verdict["passed"], "ratios": verdict["ratios"],
+            "fidelity_mean": round(stats["fidelity"], 4),
+            "lines": [line.replace("fidelity:", "fidelity (lower bound):", 1) for line in verdict["lines"]]}
+
+
 def check_newest_first(trainer, base: tuple[dict, np.ndarray], plan: GuardPlan, seed: int,
                        sampling: dict) -> tuple[int, list[dict]]:
-    """Load each checkpoint of the run, newest first, until one passes both guards (fidelity by its lower bound):
-    (its step or 0, the checks)."""
-    family, checked = trainer.family, []
-    (base_stats, base_scores) = base
+    """Check each checkpoint of the run, newest first, until one passes both guards: (its step or 0, the checks)."""
+    checked = []
     for path in reversed(list_checkpoints(Path(trainer.out) / "checkpoints")):
-        family.load_trainable_state(load_checkpoint(path)["weights"])
-        with family.pipeline() as pipe:
-            stats, scores = guard_stats(pipe, plan, seed, sampling)
-        bound = {**stats, "fidelity": fidelity_bound(scores, base_scores, plan.z)}
-        verdict = guard_verdict(base_stats, bound, plan.share, plan.diversity_share)
-        checked.append({"step": checkpoint_step(path), "passed": verdict["passed"], "ratios": verdict["ratios"],
-                        "fidelity_mean": round(stats["fidelity"], 4),
-                        "lines": [line.replace("fidelity:", "fidelity (lower bound):", 1) for line in verdict["lines"]]})
-        if verdict["passed"]:
-            return checked[-1]["step"], checked
+        step = checkpoint_step(path)
+        checked.append(check(trainer.family, load_checkpoint(path)["weights"], {"step": step}, base, plan, seed,
+                             sampling))
+        if checked[-1]["passed"]:
+            return step, checked
     return 0, checked
 
 
+def chord(initial: dict[str, Tensor], final: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """θ_α = θ_0 + α (θ_T − θ_0) for every floating trainable tensor (WiSE-FT's weight-space ensemble, Wortsman et
+    al. 2022, Eq. 1); other tensors keep the final value. For LoRA θ_0 has B = 0, so ΔW(α) = α B_T (A_0 + α (A_T −
+    A_0)): 0 at α = 0, the trained ΔW at 1."""
+    return {k: torch.lerp(initial[k].to(v.dtype), v, alpha) if v.is_floating_point() else v for k, v in final.items()}
+
+
+def search_chord(family, initial: dict, final: dict, base: tuple[dict, np.ndarray], plan: GuardPlan, seed: int,
+                 sampling: dict) -> tuple[float, list[dict]]:
+    """The largest α on the chord from the start to the final weights that passes both guards, to 1 / 2^bisections
+    (the final weights first; then bisection, which assumes one crossing): (α, the checks)."""
+    checked = [check(family, final, {"alpha": 1.0}, base, plan, seed, sampling)]
+    if checked[-1]["passed"]:
+        return 1.0, checked
+    lo, hi = 0.0, 1.0
+    for _ in range(plan.bisections):
+        mid = (lo + hi) / 2
+        checked.append(check(family, chord(initial, final, mid), {"alpha": mid}, base, plan, seed, sampling))
+        lo, hi = (mid, hi) if checked[-1]["passed"] else (lo, mid)
+    return lo, checked
+
+
 def rollback(trainer, base_pipe, initial: dict, plan: GuardPlan, seed: int, sampling: dict, final_step: int) -> dict:
-    """Keep the newest checkpoint that passes the guards (or the start, ``initial``), export it in place of the final
-    weights when it is not the final step, and say what was done."""
+    """Keep what passes the guards (plan.search: the newest checkpoint, or the largest α on the chord to the final
+    weights; else the start, ``initial``), export it in place of the final weights when it is not them, and say what
+    was done."""
     base = guard_stats(base_pipe, plan, seed, sampling)
-    chosen, checked = check_newest_first(trainer, base, plan, seed, sampling)
-    base = base[0]
-    if chosen == 0:
-        trainer.family.load_trainable_state(initial)
-    if chosen != final_step:
-        trainer.family.export(str(trainer.out))
-    if chosen == final_step:
-        line = f"guards passed at the final step {final_step}: the trained model is kept"
-    elif chosen:
-        line = (f"stopped by the guards: rolled back from step {final_step} to step {chosen}, the newest checkpoint "
-                "that keeps the base's prompt fidelity and diversity")
+    alpha = None
+    if plan.search == "chord":
+        final = trainer.family.trainable_state()
+        alpha, checked = search_chord(trainer.family, initial, final, base, plan, seed, sampling)
+        chosen = final_step if alpha > 0 else 0
+        trainer.family.load_trainable_state(chord(initial, final, alpha))
     else:
-        line = (f"stopped by the guards: no checkpoint keeps the base's prompt fidelity and diversity; rolled back to "
-                "step 0, the base model")
-    return {"chosen_step": chosen, "final_step": final_step, "rolled_back": chosen != final_step, "base": base,
-            "checked": checked, "shares": [plan.share, plan.diversity_share], "line": line}
+        chosen, checked = check_newest_first(trainer, base, plan, seed, sampling)  # leaves the chosen one loaded
+        if chosen == 0:
+            trainer.family.load_trainable_state(initial)
+    kept = chosen == final_step and alpha in (None, 1.0)
+    if not kept:
+        trainer.family.export(str(trainer.out))
+    return {"chosen_step": chosen, "alpha": alpha, "final_step": final_step, "rolled_back": not kept, "base": base[0],
+            "checked": checked, "shares": [plan.share, plan.diversity_share],
+            "line": rollback_line(chosen, alpha, final_step)}
+
+
+def rollback_line(chosen: int, alpha: float | None, final_step: int) -> str:
+    """One line for the report: what the guards kept."""
+    if chosen == final_step and alpha in (None, 1.0):
+        return f"guards passed at the final step {final_step}: the trained model is kept"
+    if chosen and alpha is not None:
+        return (f"stopped by the guards: kept alpha = {alpha:g} of the way from the base to step {final_step} "
+                "(theta_0 + alpha (theta_T - theta_0)), the largest that keeps the base's prompt fidelity and diversity")
+    if chosen:
+        return (f"stopped by the guards: rolled back from step {final_step} to step {chosen}, the newest checkpoint "
+                "that keeps the base's prompt fidelity and diversity")
+    what = "point between the base and the final weights" if alpha is not None else "checkpoint"
+    return (f"stopped by the guards: no {what} keeps the base's prompt fidelity and diversity; rolled back to "
+            "step 0, the base model")
