@@ -33,7 +33,7 @@ def replay(run: Path) -> dict:
         settings = DemoSettings(out=run, **kept,
                                 overrides=(*m["settings"]["overrides"], f"train.output_dir={tmp}/model"))
         family = DiffusionKTOTrainer(training_config(settings, run)).family
-        initial = family.trainable_state()
+        initial = {k: v.clone() for k, v in family.trainable_state().items()}  # on CPU it aliases the params
         final = load_checkpoint(list_checkpoints(run / "model" / "checkpoints")[-1])["weights"]
         base_pipe = load_pipeline(settings.model, device="cpu")
         base = guard_stats(base_pipe, plan, settings.seed, settings.sampling)

@@ -95,3 +95,18 @@ def test_search_chord_keeps_the_final_weights_or_bisects_to_the_largest_passing_
     assert alpha == 1.0 and len(checked) == 1  # the final weights pass: nothing else is drawn
     alpha, _ = guard_rollback.search_chord(None, {"w": torch.tensor(0.5)}, one, None, GuardPlan(bisections=3), 0, {})
     assert alpha == 0.0  # nothing on the chord passes: the start
+
+
+@pytest.mark.slow
+def test_the_chord_guard_rolls_a_destroyed_run_back_to_the_base_and_keeps_the_final_weights(tmp_path):
+    out = tmp_path / "demo"
+    metrics = run_demo(DemoSettings(out=out, budget=16, groups_per_prompt=1, guard_checks=2, guard_search="chord",
+                                    overrides=("train.max_steps=4", "train.batch_size=4", "optim.lr=1e-2")))
+    guarded = metrics["guard_rollback"]
+    assert guarded["alpha"] == 0.0 and guarded["chosen_step"] == 0 and guarded["rolled_back"]
+    assert [c["alpha"] for c in guarded["checked"]] == [1.0, 0.5, 0.25, 0.125, 0.0625]
+    base, exported = _unet(Path(resolve_pretrained("toy")) / "unet"), _unet(out / "model" / "unet")
+    assert all(torch.equal(exported[k].float(), base[k].float()) for k in base)  # the chord's start is the base
+    final = load_file(str(out / "model" / "checkpoints" / "checkpoint-00000004" / "weights.safetensors"))
+    assert any(not torch.equal(final[k], exported[k]) for k in final)
+    assert "rolled back to step 0" in metrics["guard_rollback"]["line"]

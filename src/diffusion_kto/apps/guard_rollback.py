@@ -122,7 +122,8 @@ def chord(initial: dict[str, Tensor], final: dict[str, Tensor], alpha: float) ->
 def search_chord(family, initial: dict, final: dict, base: tuple[dict, np.ndarray], plan: GuardPlan, seed: int,
                  sampling: dict) -> tuple[float, list[dict]]:
     """The largest α on the chord from the start to the final weights that passes both guards, to 1 / 2^bisections
-    (the final weights first; then bisection, which assumes one crossing): (α, the checks)."""
+    (the final weights first; then bisection, which assumes one crossing): (α, the checks). ``initial`` and ``final``
+    must be copies: each check loads weights into the family's parameters."""
     checked = [check(family, final, {"alpha": 1.0}, base, plan, seed, sampling)]
     if checked[-1]["passed"]:
         return 1.0, checked
@@ -141,7 +142,7 @@ def rollback(trainer, base_pipe, initial: dict, plan: GuardPlan, seed: int, samp
     base = guard_stats(base_pipe, plan, seed, sampling)
     alpha = None
     if plan.search == "chord":
-        final = trainer.family.trainable_state()
+        final = {k: v.clone() for k, v in trainer.family.trainable_state().items()}  # on CPU it aliases the params
         alpha, checked = search_chord(trainer.family, initial, final, base, plan, seed, sampling)
         chosen = final_step if alpha > 0 else 0
         trainer.family.load_trainable_state(chord(initial, final, alpha))
