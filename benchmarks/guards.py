@@ -37,14 +37,15 @@ def run(out: Path, seeds: list[int], probes: list[str], extra: list[str]) -> Non
 def row(name: str, m: dict) -> dict:
     """One run's line: judge, win rate, what the guards did, held-out guards."""
     w, rb = m["win_rate"], m.get("guard_rollback") or {}
-    kept = rb.get("chosen_step", "final")
-    return {"run": name, "win rate over base": f"{w['rate']:.1%} ± {w['ci']:.1%} (n={w['n']})",
-            "kept step": f"{kept} of {rb.get('final_step', '?')}" if rb else "final (no rollback)",
+    kept = f"{rb.get('chosen_step')} of {rb.get('final_step')}" if rb else "final (no rollback)"
+    if rb.get("alpha") is not None:  # the chord guard: alpha of the way from the base to the final step
+        kept = f"alpha {rb['alpha']:g} to step {rb['final_step']}"
+    return {"run": name, "win rate over base": f"{w['rate']:.1%} ± {w['ci']:.1%} (n={w['n']})", "kept": kept,
             "held-out fidelity / base": f"{m['guard']['ratios']['fidelity']:.0%}",
             "held-out diversity / base": f"{m['guard']['ratios']['diversity']:.0%}",
             "held-out guards": "passed" if m["guard"]["passed"] else "FAILED " + ",".join(m["guard"]["failed"]),
             "checked (step: fidelity bound, diversity on guard images)": "; ".join(
-                f"{c['step']}: {c['ratios']['fidelity']:.0%}, {c['ratios']['diversity']:.0%}"
+                f"{c.get('step', c.get('alpha'))}: {c['ratios']['fidelity']:.0%}, {c['ratios']['diversity']:.0%}"
                 for c in rb.get("checked", []))}
 
 

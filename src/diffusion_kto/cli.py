@@ -148,9 +148,9 @@ def _add_demo(sub) -> None:
                    help="the aligned model fails its guard below this share of the base's prompt fidelity ...")
     p.add_argument("--diversity-guard", type=float, default=0.75, help="... or below this share of its diversity")
     p.add_argument("--guard-checks", type=int, default=8,
-                   help="checkpoints checked against the guards after training, newest first; the newest that passes "
-                        "is kept (rollback); 0: keep the final model whatever the guards say")
-    p.add_argument("--guard-search", choices=("checkpoints", "chord"), default="checkpoints",
+                   help="checkpoints written for the guards (--guard-search checkpoints checks them newest first and keeps "
+                        "the newest that passes); 0: no rollback, keep the final model whatever the guards say")
+    p.add_argument("--guard-search", choices=("chord", "checkpoints"), default="chord",
                    help="what a rollback keeps: the newest passing checkpoint, or the largest alpha on the chord "
                         "theta_0 + alpha (theta_T - theta_0) from the base to the final weights that passes")
     p.add_argument("--config", default=None, help="training config (default: the model's, configs/toy-kto.yaml for "

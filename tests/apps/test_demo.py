@@ -89,4 +89,4 @@ def test_demo_on_the_flow_toy_uses_its_own_config_and_exports_the_transformer(tm
     assert (tmp_path / "demo" / "model" / "transformer" / "config.json").is_file()
     assert metrics["settings"]["config"].endswith("toy-flow-kto.yaml") and metrics["train"]["steps"] == 1
     assert (tmp_path / "demo" / "report.html").is_file()
-    assert metrics["guard_rollback"]["checked"][0]["step"] == 1  # the guards check the flow family's checkpoints too
+    assert metrics["guard_rollback"]["checked"][0]["alpha"] == 1.0  # the guards check the flow family's weights too

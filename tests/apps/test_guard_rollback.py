@@ -41,8 +41,8 @@ def _unet(path):
 
 def test_a_run_that_destroys_fidelity_rolls_back_to_the_base_and_says_so(tmp_path, capsys):
     out = tmp_path / "demo"
-    metrics = run_demo(DemoSettings(out=out, budget=16, groups_per_prompt=1, guard_checks=2, overrides=(
-        "train.max_steps=4", "train.batch_size=4", "optim.lr=1e-2")))  # lr 1e-2 wrecks the toy UNet
+    metrics = run_demo(DemoSettings(out=out, budget=16, groups_per_prompt=1, guard_checks=2, guard_search="checkpoints",
+                                    overrides=("train.max_steps=4", "train.batch_size=4", "optim.lr=1e-2")))  # wrecks it
     guarded = metrics["guard_rollback"]
     assert guarded["rolled_back"] and guarded["chosen_step"] == 0 and guarded["final_step"] == 4
     assert [c["step"] for c in guarded["checked"]] == [4, 2] and not any(c["passed"] for c in guarded["checked"])
@@ -62,6 +62,7 @@ def test_a_run_that_keeps_the_guards_keeps_its_final_weights(tmp_path):
         "train.max_steps=2", "train.batch_size=4", "optim.lr=1e-7")))
     guarded = metrics["guard_rollback"]
     assert not guarded["rolled_back"] and guarded["chosen_step"] == 2 and len(guarded["checked"]) == 1
+    assert guarded["alpha"] == 1.0 and metrics["settings"]["guard_search"] == "chord"  # the default search
     final = load_file(str(out / "model" / "checkpoints" / "checkpoint-00000002" / "weights.safetensors"))
     exported = _unet(out / "model" / "unet")
     assert all(torch.equal(final[k], exported[k]) for k in final)

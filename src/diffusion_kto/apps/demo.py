@@ -60,8 +60,8 @@ class DemoSettings:
     overrides: Sequence[str] = ()
     guard: float = DEFAULT_SHARE  # the aligned model must keep this share of the base's prompt fidelity ...
     diversity_guard: float = DEFAULT_DIVERSITY_SHARE  # ... and this share of its diversity (apps/reward_guards.py)
-    guard_checks: int = GuardPlan.checks  # checkpoints checked, newest first, the newest passing kept; 0: no rollback
-    guard_search: str = GuardPlan.search  # "checkpoints" (the newest passing) or "chord" (the largest passing alpha)
+    guard_checks: int = GuardPlan.checks  # checkpoints written for the guards; 0: no rollback
+    guard_search: str = GuardPlan.search  # "chord" (the largest passing alpha) or "checkpoints" (the newest passing)
     timings: dict[str, float] = field(default_factory=dict)
     sampling: dict | None = None  # None: the model's own (MODELS)
 
