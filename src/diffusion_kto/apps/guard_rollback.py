@@ -43,7 +43,7 @@ class GuardPlan:
     diversity_share: float = DEFAULT_DIVERSITY_SHARE
     z: float = 1.64  # the fidelity guard uses mean - z se (paired with the base's images); 0: the mean alone
     # "chord" (default): the largest passing α (search_chord); "checkpoints": the newest passing checkpoint. On six demo
-    # runs the chord's choice won 77.3% vs 70.4% over the base for the same training (benchmarks/results/guards.md)
+    # trainings the chord's choice won 78.9% vs 71.5% over the base (benchmarks/results/guards.md)
     search: str = "chord"
     bisections: int = 4  # chord: α to 1/16
 
