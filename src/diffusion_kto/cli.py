@@ -150,7 +150,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--guard-checks", type=int, default=8,
                    help="checkpoints written for the guards (--guard-search checkpoints checks them newest first and keeps "
                         "the newest that passes); 0: no rollback, keep the final model whatever the guards say")
-    p.add_argument("--guard-search", choices=("chord", "checkpoints"), default="chord",
+    p.add_argument("--guard-search", choices=("chord", "checkpoints"), default="chord",  # guard_rollback.SEARCHES
                    help="what a rollback keeps: the newest passing checkpoint, or the largest alpha on the chord "
                         "theta_0 + alpha (theta_T - theta_0) from the base to the final weights that passes")
     p.add_argument("--config", default=None, help="training config (default: the model's, configs/toy-kto.yaml for "

@@ -96,6 +96,8 @@ def test_search_chord_keeps_the_final_weights_or_bisects_to_the_largest_passing_
     assert alpha == 1.0 and len(checked) == 1  # the final weights pass: nothing else is drawn
     alpha, _ = guard_rollback.search_chord(None, {"w": torch.tensor(0.5)}, one, None, GuardPlan(bisections=3), 0, {})
     assert alpha == 0.0  # nothing on the chord passes: the start
+    with pytest.raises(ValueError, match="guard search 'newest'"):
+        DemoSettings(guard_search="newest")  # refused when the settings are made, before anything runs
 
 
 @pytest.mark.slow

@@ -69,6 +69,7 @@ class DemoSettings:
         config, sampling = MODELS.get(self.model, MODELS["toy"])
         self.config = Path(self.config) if self.config is not None else config
         self.sampling = dict(self.sampling if self.sampling is not None else sampling)
+        GuardPlan(search=self.guard_search)  # a bad guard search stops here, before anything runs
 
 
 SCORE_BOUNDS = (0.0, 1.0)  # a demo judge scores each image in [0, 1]; liked = score >= --threshold

@@ -29,6 +29,7 @@ from ..toy import judges, world
 from ..train.checkpoint import PREFIX, list_checkpoints, load_checkpoint
 from .reward_guards import DEFAULT_DIVERSITY_SHARE, DEFAULT_SHARE, diversity, guard_verdict
 
+SEARCHES = ("chord", "checkpoints")  # what a rollback walks (GuardPlan.search)
 GUARD_SEED = 30_000_000  # the guard images' seeds: disjoint from feedback (seed x 1e6 + i) and evaluation (1e7 + ...)
 
 
@@ -46,6 +47,10 @@ class GuardPlan:
     # trainings the chord's choice won 78.9% vs 71.5% over the base (benchmarks/results/guards.md)
     search: str = "chord"
     bisections: int = 4  # chord: α to 1/16
+
+    def __post_init__(self):
+        if self.search not in SEARCHES:
+            raise ValueError(f"guard search {self.search!r}: choose one of {', '.join(SEARCHES)}")
 
 
 def checkpoint_overrides(max_steps: int, checks: int) -> list[str]:
