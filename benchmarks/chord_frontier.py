@@ -20,19 +20,20 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_kto.apps.demo import DemoSettings
-from diffusion_kto.apps.guard_rollback import GuardPlan, fidelity_bound, guard_set
+from diffusion_kto.apps.guard_rollback import GuardPlan, checkpoint_step, chord, fidelity_bound, guard_set
 from diffusion_kto.apps.reward_guards import diversity
 from diffusion_kto.provenance import commit, machine
 from diffusion_kto.sampling import generate, load_pipeline
 from diffusion_kto.toy import judges
+from diffusion_kto.train.checkpoint import list_checkpoints
 
 
 def checkpoint_weights(run: Path) -> dict[int, dict[str, torch.Tensor]]:
     """Every kept checkpoint of a demo run's UNet, by step."""
-    folders = sorted((run / "model" / "checkpoints").glob("checkpoint-*"))
+    folders = list_checkpoints(run / "model" / "checkpoints")
     if not folders:
         raise SystemExit(f"{run}: no checkpoints (run the demo with its guards on)")
-    return {int(f.name.split("-")[1]): load_file(f / "weights.safetensors") for f in folders}
+    return {checkpoint_step(f): load_file(f / "weights.safetensors") for f in folders}
 
 
 def point(pipe, plan: GuardPlan, seed: int, base: dict | None = None) -> dict:
@@ -61,7 +62,7 @@ def frontier(run: Path, alphas: list[float]) -> dict:
     averages = [(f"mean of steps >= {s}", [w for t, w in ckpts.items() if t >= s]) for s in sorted(ckpts)[::3][:-1]]
     rows = []
     for label, weights in [*((f"step {s}", w) for s, w in ckpts.items()),
-                           *((f"alpha {a:g}", {k: torch.lerp(theta0[k], final[k], a) for k in final}) for a in alphas),
+                           *((f"alpha {a:g}", chord(theta0, final, a)) for a in alphas),
                            *((name, {k: torch.stack([w[k] for w in ws]).mean(0) for k in final}) for name, ws in averages)]:
         pipe.unet.load_state_dict({**theta0, **{k: v.to(theta0[k].dtype) for k, v in weights.items()}})
         p = point(pipe, plan, seed, base)

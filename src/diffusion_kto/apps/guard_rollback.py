@@ -163,12 +163,12 @@ def rollback(trainer, base_pipe, initial: dict, plan: GuardPlan, seed: int, samp
         trainer.family.export(str(trainer.out))
     return {"chosen_step": chosen, "alpha": alpha, "final_step": final_step, "rolled_back": not kept, "base": base[0],
             "checked": checked, "shares": [plan.share, plan.diversity_share],
-            "line": rollback_line(chosen, alpha, final_step)}
+            "line": rollback_line(kept, chosen, alpha, final_step)}
 
 
-def rollback_line(chosen: int, alpha: float | None, final_step: int) -> str:
-    """One line for the report: what the guards kept."""
-    if chosen == final_step and alpha in (None, 1.0):
+def rollback_line(kept: bool, chosen: int, alpha: float | None, final_step: int) -> str:
+    """One line for the report: what the guards kept (``kept``: the final weights)."""
+    if kept:
         return f"guards passed at the final step {final_step}: the trained model is kept"
     if chosen and alpha is not None:
         return (f"stopped by the guards: kept alpha = {alpha:g} of the way from the base to step {final_step} "
